@@ -1,0 +1,44 @@
+# make demo / make test do all of their own set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Re-install when the package metadata changes.
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow demo proto clean help
+
+help:
+	@echo "make demo       build a demo model if missing, serve it on loopback, ask one question, shut down"
+	@echo "make test       the fast test suite (what CI runs)"
+	@echo "make test-slow  the tests marked slow"
+	@echo "make proto      regenerate server/pb from proto/ (never edit generated files)"
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	# torch first: 2.13.0 is the local CPU build; any other version downloads a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[torch,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+proto: $(STAMP)
+	$(PY) -m server.codegen
+
+clean:
+	rm -rf $(VENV) .pytest_cache

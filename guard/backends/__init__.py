@@ -1,0 +1,60 @@
+"""The Backend protocol and `load_backend`, which imports a backend only when asked.
+
+A backend runs the three graphs of a split VLM (the same split the ONNX
+export writes): vision encoder, token embedding, and a decoder step with a
+KV cache. It exchanges numpy arrays with the rest of the runtime and knows
+nothing of prompts, sampling, heads or policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from guard.spec import ModelSpec
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # [B, S, V] float32
+    hidden_mid: np.ndarray  # [B, S, D] float32, hidden state after layer `spec.mid_layer`
+    hidden_last: np.ndarray  # [B, S, D] float32, final normed hidden state (what the LM head reads)
+
+
+class Backend(Protocol):
+    spec: ModelSpec
+    name: str
+    """Backend and device/provider in use, e.g. "torch:cpu" or "onnxruntime:CPUExecutionProvider"."""
+    checksum: str
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """[N, 3, H, W] float32 -> image features [N, T_img, D] float32."""
+        ...
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """[B, S] int64 -> [B, S, D] float32."""
+        ...
+
+    def new_cache(self, batch: int) -> Any:
+        """An empty KV cache for `batch` sequences (opaque to callers)."""
+        ...
+
+    def forward(
+        self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any
+    ) -> tuple[StepOutput, Any]:
+        """One decoder call over S new positions; embeds [B,S,D], attention_mask [B,past+S], position_ids [B,S]."""
+        ...
+
+
+_BACKENDS = {"torch": "guard.backends.torch_backend"}
+
+
+def load_backend(name: str, path: str | Path, **options: Any) -> Backend:
+    """Import backend module `name` lazily and load the model at `path` with it."""
+    if name not in _BACKENDS:
+        raise ValueError(f"`backend` must be one of {sorted(_BACKENDS)}, got {name!r}")
+    return importlib.import_module(_BACKENDS[name]).load(path, **options)

@@ -1,0 +1,141 @@
+"""The decode loop: prefill, then one token at a time with a KV cache.
+
+It works on embeddings, token ids and backend outputs only; it knows nothing
+of images, tokenization, gRPC or thresholds. For every emitted token it keeps
+the log-probability, the entropy and the two hidden states that produced it,
+which is exactly what the guard heads read. `teacher_force` computes the same
+features for an answer produced elsewhere, in one forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from guard.backends import Backend
+from guard.types import DecodeConfig, Generation, StopSignal
+
+
+def splice_image(embeds: np.ndarray, ids: np.ndarray, image_features: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Put image features into the image slots. embeds [1,S,D], ids [S], image_features [1,T_img,D]."""
+    slots = ids == image_token_id
+    assert slots.sum() == image_features.shape[1], "one image slot per image feature"
+    embeds = embeds.copy()
+    embeds[0, slots] = image_features[0]
+    return embeds
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def entropy(logp: np.ndarray) -> np.ndarray:
+    return -(np.exp(logp) * logp).sum(axis=-1)
+
+
+def sample(logp: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """logp: [V] log-probabilities at temperature 1."""
+    if temperature == 0.0:
+        return int(np.argmax(logp))
+    z = logp / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(p.shape[0], p=p / p.sum()))
+
+
+def generate(
+    backend: Backend,
+    prompt_embeds: np.ndarray,
+    eos_token_ids: tuple[int, ...],
+    config: DecodeConfig,
+    stop: StopSignal | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    """prompt_embeds: [1, S, D] with the image already spliced in."""
+    rng = np.random.default_rng(config.seed)
+    stop = stop or StopSignal()
+    seq_len = prompt_embeds.shape[1]
+
+    # 1) Prefill the whole prompt in one call; its last position predicts token 0.
+    t0 = time.perf_counter()
+    stop.check()
+    cache = backend.new_cache(1)
+    out, cache = backend.forward(
+        prompt_embeds, np.ones((1, seq_len), np.int64), np.arange(seq_len, dtype=np.int64)[None], cache
+    )
+    logits, h_mid, h_last = out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1]
+    prompt_mid, prompt_last = h_mid, h_last
+    t1 = time.perf_counter()
+
+    # 2) Decode: pick a token, record what produced it, feed it back.
+    tokens, logprobs, entropies, mids, lasts = [], [], [], [], []
+    stop_reason = "length"
+    for step in range(config.max_new_tokens):
+        logp = log_softmax(logits)
+        token = sample(logp, config.temperature, rng)
+        tokens.append(token)
+        logprobs.append(logp[token])
+        entropies.append(entropy(logp))
+        mids.append(h_mid)
+        lasts.append(h_last)
+        if token in eos_token_ids and not config.ignore_eos:
+            stop_reason = "eos"
+            break
+        if on_token is not None:
+            on_token(token)
+        if step == config.max_new_tokens - 1:
+            break
+        stop.check()
+        pos = seq_len + step
+        out, cache = backend.forward(
+            backend.embed(np.array([[token]], np.int64)),
+            np.ones((1, pos + 1), np.int64),
+            np.array([[pos]], np.int64),
+            cache,
+        )
+        logits, h_mid, h_last = out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1]
+    t2 = time.perf_counter()
+
+    return Generation(
+        token_ids=tokens,
+        logprobs=np.array(logprobs, np.float32),
+        entropies=np.array(entropies, np.float32),
+        hidden_mid=np.stack(mids).astype(np.float32),
+        hidden_last=np.stack(lasts).astype(np.float32),
+        prompt_hidden_mid=prompt_mid.astype(np.float32),
+        prompt_hidden_last=prompt_last.astype(np.float32),
+        stop_reason=stop_reason,
+        prefill_ms=(t1 - t0) * 1e3,
+        decode_ms=(t2 - t1) * 1e3,
+    )
+
+
+def teacher_force(
+    backend: Backend, prompt_embeds: np.ndarray, answer_ids: list[int], stop: StopSignal | None = None
+) -> Generation:
+    """Features of a given answer, as if the model had generated it. answer_ids should end with EOS."""
+    assert answer_ids, "teacher forcing needs at least one answer token"
+    (stop or StopSignal()).check()
+    t0 = time.perf_counter()
+    seq_len, n = prompt_embeds.shape[1], len(answer_ids)
+    ids = np.array([answer_ids[:-1]], np.int64)  # the last answer token is predicted, never fed
+    embeds = np.concatenate([prompt_embeds, backend.embed(ids)], axis=1) if n > 1 else prompt_embeds
+    total = seq_len + n - 1
+    out, _ = backend.forward(
+        embeds, np.ones((1, total), np.int64), np.arange(total, dtype=np.int64)[None], backend.new_cache(1)
+    )
+    rows = slice(seq_len - 1, total)  # positions whose logits predict answer tokens
+    logp = log_softmax(out.logits[0, rows])
+    return Generation(
+        token_ids=list(answer_ids),
+        logprobs=logp[np.arange(n), answer_ids].astype(np.float32),
+        entropies=entropy(logp).astype(np.float32),
+        hidden_mid=out.hidden_mid[0, rows].astype(np.float32),
+        hidden_last=out.hidden_last[0, rows].astype(np.float32),
+        prompt_hidden_mid=out.hidden_mid[0, seq_len - 1].astype(np.float32),
+        prompt_hidden_last=out.hidden_last[0, seq_len - 1].astype(np.float32),
+        stop_reason="teacher_forced",
+        prefill_ms=(time.perf_counter() - t0) * 1e3,
+    )

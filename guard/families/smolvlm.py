@@ -1,0 +1,42 @@
+"""SmolVLM / Idefics3: the edge family (SigLIP-style vision tower, pixel-shuffle connector, Llama text model).
+
+We always run without image splitting: one global image of
+`vision_config.image_size` pixels becomes
+`(image_size / patch_size)**2 / scale_factor**2` image tokens.
+"""
+
+from __future__ import annotations
+
+NAME = "smolvlm"
+# The turn format of SmolVLM's chat template, written out so serving needs no Jinja.
+PROMPT_TEMPLATE = "<|im_start|>User:{image}{question}<end_of_utterance>\nAssistant:"
+ANSWER_PREFIX = " "
+EOS_TOKENS = ("<end_of_utterance>",)
+IMAGE_TOKEN = "<image>"
+
+
+def num_image_tokens(config: dict) -> int:
+    vision = config["vision_config"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    return patches // (config.get("scale_factor", 2) ** 2)
+
+
+def image_text(config: dict) -> str:
+    """The text that stands for one image in the prompt."""
+    n = num_image_tokens(config)
+    return "<fake_token_around_image><global-img>" + IMAGE_TOKEN * n + "<fake_token_around_image>"
+
+
+# --- PyTorch side: called only by guard.backends.torch_backend -------------
+
+
+def image_features(model, pixel_values):
+    """pixel_values: [N, 3, H, W] -> [N, T_img, D_text]."""
+    import torch
+
+    out = model.model.get_image_features(pixel_values=pixel_values[:, None])  # [N, 1 image, 3, H, W]
+    return torch.stack([f.reshape(-1, f.shape[-1]) for f in out.pooler_output])
+
+
+def text_model(model):
+    return model.model.text_model

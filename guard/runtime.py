@@ -1,0 +1,224 @@
+"""Guard: the runtime's main flow. `Guard.answer()` is the table of contents.
+
+preprocess -> encode image -> decode -> score -> decide. Each step lives in
+its own module; this file wires them, times them, and assembles the config
+tables of a deployment's TOML file (the `[server]` table belongs to server/).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from guard import decode
+from guard.backends import Backend, load_backend
+from guard.errors import InvalidRequestError, ModelLoadError
+from guard.head import GuardHeads
+from guard.policy import PolicyConfig, decide
+from guard.preprocess import ImageLimits, preprocess
+from guard.prompt import Prompter
+from guard.spec import HEADS_FILE
+from guard.types import (
+    DecodeConfig,
+    GuardResult,
+    GuardScores,
+    ModelInfo,
+    StopSignal,
+    Timings,
+    VerdictKind,
+    VqaRequest,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = "torch"
+    """Which backend runs the model: `torch` (a Hugging Face directory)."""
+    device: str = "cpu"
+    """Torch device, e.g. `cpu` or `cuda:0`."""
+    dtype: str = "float32"
+    """Weight dtype for the torch backend: float32, bfloat16 or float16."""
+    threads: int = 0
+    """Intra-op threads; 0 keeps the library default."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"`backend.dtype` must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.threads < 0:
+            raise ValueError("`backend.threads` must be >= 0")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GuardConfig":
+        """Build from parsed TOML tables; an unknown table or key is an error that names it."""
+        tables = {f.name: f.default_factory for f in fields(cls)}
+        kwargs = {}
+        for name, value in d.items():
+            if name not in tables:
+                raise ValueError(f"unknown config table [{name}]; known tables: {sorted(tables)} and [server]")
+            table_cls = tables[name]
+            known = {f.name for f in fields(table_cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; known keys: {sorted(known)}")
+            kwargs[name] = table_cls(**value)
+        return cls(**kwargs)
+
+
+class Guard:
+    def __init__(self, backend: Backend, prompter: Prompter, heads: GuardHeads, config: GuardConfig):
+        self.backend = backend
+        self.prompter = prompter
+        self.heads = heads
+        self.config = config
+        self.spec = backend.spec
+
+    def answer(
+        self, req: VqaRequest, stop: StopSignal | None = None, on_text: Callable[[str], None] | None = None
+    ) -> GuardResult:
+        """Answer one question about one image, and judge the answer."""
+        _check_question(req.question)
+        timings = Timings()
+        # 1) Image bytes -> normalized pixels [1, 3, H, W].
+        t = time.perf_counter()
+        pixels = preprocess(req.image, req.media_type, self.spec.preprocess, self.config.limits)[None]
+        timings.preprocess_ms = _ms_since(t)
+        # 2) Vision encoder -> prompt embeddings with the image spliced in.
+        t = time.perf_counter()
+        prompt_embeds = self._prompt_embeds(req.question, pixels)
+        timings.vision_ms = _ms_since(t)
+        # 3) Decode, or teacher-force an answer produced elsewhere.
+        if req.answer is None:
+            gen = decode.generate(
+                self.backend, prompt_embeds, self.spec.eos_token_ids, req.decode, stop, self._streamer(on_text)
+            )
+            text = self.prompter.decode(gen.token_ids)
+        else:
+            answer_ids = self.prompter.encode_answer(req.answer) + [self.spec.eos_token_ids[0]]
+            gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop)
+            text = req.answer
+        timings.prefill_ms, timings.decode_ms = gen.prefill_ms, gen.decode_ms
+        # 4) Guard heads -> scores; 5) policy -> verdict. Fails closed on any scoring error.
+        t = time.perf_counter()
+        scores = self._score(gen, req.request_id)
+        verdict = decide(scores, self.config.policy)
+        timings.guard_ms = _ms_since(t)
+        if verdict.kind is VerdictKind.ABSTAIN and self.config.policy.withhold_answer_on_abstain:
+            text = ""
+        return GuardResult(
+            request_id=req.request_id,
+            answer=text,
+            verdict=verdict,
+            scores=scores,
+            timings=timings,
+            model_id=self.spec.model_id,
+            model_checksum=self.backend.checksum,
+            backend=self.backend.name,
+            num_tokens=len(gen.token_ids),
+            stop_reason=gen.stop_reason,
+        )
+
+    def score(self, req: VqaRequest, stop: StopSignal | None = None) -> GuardResult:
+        """Judge an answer produced elsewhere (req.answer), with no generation."""
+        if req.answer is None or not req.answer.strip():
+            raise InvalidRequestError("`answer` is empty; Score needs the answer text to judge")
+        return self.answer(req, stop)
+
+    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> np.ndarray:
+        ids = self.prompter.encode_prompt(question)
+        features = self.backend.encode_image(pixels)
+        return decode.splice_image(self.backend.embed(ids[None]), ids, features, self.spec.image_token_id)
+
+    def _streamer(self, on_text: Callable[[str], None] | None) -> Callable[[int], None] | None:
+        """Token ids -> text deltas; holds back an incomplete UTF-8 sequence."""
+        if on_text is None:
+            return None
+        ids: list[int] = []
+        sent = [""]
+
+        def on_token(token: int) -> None:
+            ids.append(token)
+            text = self.prompter.decode(ids)
+            if text.endswith("\ufffd") or not text.startswith(sent[0]) or text == sent[0]:
+                return
+            on_text(text[len(sent[0]) :])
+            sent[0] = text
+
+        return on_token
+
+    def _score(self, gen, request_id: str) -> GuardScores | None:
+        try:
+            return self.heads.score(gen)
+        except Exception:  # fail closed: the policy turns None into ABSTAIN
+            log.exception("guard heads failed to score request %s", request_id)
+            return None
+
+    def info(self) -> ModelInfo:
+        p = self.config.policy
+        return ModelInfo(
+            model_id=self.spec.model_id,
+            family=self.spec.family,
+            checksum=self.backend.checksum,
+            backend=self.backend.name,
+            image_size=self.spec.preprocess.image_size,
+            num_image_tokens=self.spec.num_image_tokens,
+            heads_trained=self.heads.trained,
+            thresholds={
+                "warn_p_hallucination": p.warn_p_hallucination,
+                "abstain_p_hallucination": p.abstain_p_hallucination,
+                "warn_premise_risk": p.warn_premise_risk,
+                "warn_risk_level": p.warn_risk_level,
+            },
+        )
+
+    def warmup(self) -> None:
+        """Run one tiny request end to end, so the first real one is not slow."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("L", (32, 32), 128).save(buf, format="PNG")
+        self.answer(VqaRequest(buf.getvalue(), "image/png", "warm-up", DecodeConfig(max_new_tokens=2)))
+
+
+def _check_question(question: str) -> None:
+    if not question or not question.strip():
+        raise InvalidRequestError("`question` is empty; send the question to ask about the image")
+
+
+def _ms_since(t: float) -> float:
+    return (time.perf_counter() - t) * 1e3
+
+
+def load_guard(path: str | Path, config: GuardConfig = GuardConfig()) -> Guard:
+    """Load a model directory (with its guard heads) into a ready Guard."""
+    path = Path(path)
+    heads_path = path / HEADS_FILE
+    if not heads_path.is_file():
+        raise ModelLoadError(
+            f"{heads_path} is missing: a model is served only with its guard heads; "
+            "train them with `medhallguard train` (or `medhallguard init-model` for random ones)"
+        )
+    b = config.backend
+    backend = load_backend(b.kind, path, device=b.device, dtype=b.dtype, threads=b.threads or None)
+    heads = GuardHeads.load(heads_path)
+    if heads.answer.w1.shape[0] != 2 * backend.spec.hidden_size + 5:
+        raise ModelLoadError(f"{heads_path} was trained for another model (hidden size mismatch); retrain the heads")
+    if not heads.trained:
+        log.warning("guard heads at %s are untrained (random init): their scores mean nothing", heads_path)
+    return Guard(backend, Prompter(path / "tokenizer.json", backend.spec), heads, config)

@@ -1,0 +1,69 @@
+"""ServerConfig: the `[server]` table of a deployment's TOML file.
+
+The other tables ([backend], [decode], [policy], [limits]) belong to
+`guard.runtime.GuardConfig`; `split_config` hands them over untouched.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    """HOST:PORT to listen on; port 0 picks a free port (the bound one is printed)."""
+    max_message_bytes: int = 32 * MiB
+    """Largest gRPC message received or sent, in bytes; bounds the image size on the wire."""
+    max_concurrency: int = 2
+    """Requests computing at once; each one occupies a worker thread."""
+    max_queue: int = 8
+    """Requests allowed to wait for a slot; one more gets RESOURCE_EXHAUSTED."""
+    default_deadline_s: float = 120.0
+    """Deadline applied to a request whose client sent none."""
+    max_question_chars: int = 4000
+    """Longest question accepted, in characters; longer ones get INVALID_ARGUMENT."""
+    grace_s: float = 10.0
+    """On SIGTERM/SIGINT, how long in-flight requests get to finish before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"`server.address` must be HOST:PORT (e.g. 127.0.0.1:50051), got {self.address!r}")
+        if self.max_message_bytes < 1024:
+            raise ValueError("`server.max_message_bytes` must be at least 1024")
+        if self.max_concurrency < 1:
+            raise ValueError("`server.max_concurrency` must be at least 1")
+        if self.max_queue < 0:
+            raise ValueError("`server.max_queue` must be >= 0")
+        if self.default_deadline_s <= 0:
+            raise ValueError("`server.default_deadline_s` must be > 0")
+        if self.max_question_chars < 1:
+            raise ValueError("`server.max_question_chars` must be at least 1")
+        if self.grace_s < 0:
+            raise ValueError("`server.grace_s` must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ServerConfig":
+        """Build from the parsed `[server]` table; an unknown key is an error that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(unknown)} in [server]; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def split_config(path: str | Path | None) -> tuple[ServerConfig, dict]:
+    """Read a TOML file -> (the [server] table as ServerConfig, every other table for GuardConfig.from_dict)."""
+    if path is None:
+        return ServerConfig(), {}
+    with open(path, "rb") as f:
+        tables = tomllib.load(f)
+    server = tables.pop("server", {})
+    if not isinstance(server, dict):
+        raise ValueError("`server` in the config file must be a table: [server]")
+    return ServerConfig.from_dict(server), tables
