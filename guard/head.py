@@ -111,7 +111,7 @@ class GuardHeads:
 
     @classmethod
     def load(cls, path: str | Path) -> "GuardHeads":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="np") as f:
@@ -127,7 +127,7 @@ class GuardHeads:
                 trained=meta["trained"] == "true",
                 info=json.loads(meta.get("info", "{}")),
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ModelLoadError(
                 f"guard heads at {path} cannot be loaded ({exc}); retrain them with `medhallguard train` "
                 "or write random ones with `medhallguard init-model`"

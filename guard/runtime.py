@@ -18,7 +18,7 @@ import numpy as np
 from guard import decode
 from guard.backends import Backend, load_backend
 from guard.errors import InvalidRequestError, ModelLoadError
-from guard.head import GuardHeads
+from guard.head import UNCERTAINTY_FEATURES, GuardHeads
 from guard.policy import PolicyConfig, decide
 from guard.preprocess import ImageLimits, preprocess
 from guard.prompt import Prompter
@@ -217,7 +217,7 @@ def load_guard(path: str | Path, config: GuardConfig = GuardConfig()) -> Guard:
     b = config.backend
     backend = load_backend(b.kind, path, device=b.device, dtype=b.dtype, threads=b.threads or None)
     heads = GuardHeads.load(heads_path)
-    if heads.answer.w1.shape[0] != 2 * backend.spec.hidden_size + 5:
+    if heads.answer.w1.shape[0] != 2 * backend.spec.hidden_size + len(UNCERTAINTY_FEATURES):
         raise ModelLoadError(f"{heads_path} was trained for another model (hidden size mismatch); retrain the heads")
     if not heads.trained:
         log.warning("guard heads at %s are untrained (random init): their scores mean nothing", heads_path)

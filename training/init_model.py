@@ -154,6 +154,7 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
         GuardHeads.random(config.text_config.hidden_size, seed=seed).save(tmp / HEADS_FILE)
         if out_dir.exists():
             out_dir.rmdir()
+        tmp.chmod(0o755)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

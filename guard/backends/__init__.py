@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from guard.spec import ModelSpec
+if TYPE_CHECKING:
+    from guard.spec import ModelSpec
 
 
 @dataclass
@@ -26,7 +27,7 @@ class StepOutput:
 
 
 class Backend(Protocol):
-    spec: ModelSpec
+    spec: "ModelSpec"
     name: str
     """Backend and device/provider in use, e.g. "torch:cpu" or "onnxruntime:CPUExecutionProvider"."""
     checksum: str

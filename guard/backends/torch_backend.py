@@ -57,7 +57,7 @@ class TorchBackend:
                 inputs_embeds=t.from_numpy(embeds).to(self.device, self._dtype),
                 attention_mask=t.from_numpy(attention_mask).to(self.device),
                 position_ids=t.from_numpy(position_ids).to(self.device),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 output_hidden_states=True,
             )
@@ -68,7 +68,7 @@ class TorchBackend:
                 hidden_mid=self._to_numpy(out.hidden_states[self.spec.mid_layer]),
                 hidden_last=self._to_numpy(last),
             )
-        return step, out.past_key_values
+        return step, out.cache
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
