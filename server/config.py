@@ -27,6 +27,8 @@ class ServerConfig:
     """Deadline applied to a request whose client sent none."""
     max_question_chars: int = 4000
     """Longest question accepted, in characters; longer ones get INVALID_ARGUMENT."""
+    max_answer_chars: int = 16000
+    """Longest answer accepted by Score, in characters."""
     grace_s: float = 10.0
     """On SIGTERM/SIGINT, how long in-flight requests get to finish before they are cancelled."""
 
@@ -44,6 +46,8 @@ class ServerConfig:
             raise ValueError("`server.default_deadline_s` must be > 0")
         if self.max_question_chars < 1:
             raise ValueError("`server.max_question_chars` must be at least 1")
+        if self.max_answer_chars < 1:
+            raise ValueError("`server.max_answer_chars` must be at least 1")
         if self.grace_s < 0:
             raise ValueError("`server.grace_s` must be >= 0")
 

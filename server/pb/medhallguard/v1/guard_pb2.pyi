@@ -129,7 +129,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "family", "checksum", "backend", "image_size", "num_image_tokens", "heads_trained", "verified", "thresholds", "server_version", "max_message_bytes", "max_pixels", "max_image_bytes", "max_question_chars", "default_generation")
+    __slots__ = ("model_id", "family", "checksum", "backend", "image_size", "num_image_tokens", "heads_trained", "verified", "thresholds", "server_version", "max_message_bytes", "max_pixels", "max_image_bytes", "max_question_chars", "default_generation", "max_answer_chars")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ModelInfo(_message.Message):
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUESTION_CHARS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     family: str
     checksum: str
@@ -167,4 +168,5 @@ class ModelInfo(_message.Message):
     max_image_bytes: int
     max_question_chars: int
     default_generation: GenerationSettings
-    def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., checksum: _Optional[str] = ..., backend: _Optional[str] = ..., image_size: _Optional[int] = ..., num_image_tokens: _Optional[int] = ..., heads_trained: _Optional[bool] = ..., verified: _Optional[bool] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., server_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_question_chars: _Optional[int] = ..., default_generation: _Optional[_Union[GenerationSettings, _Mapping]] = ...) -> None: ...
+    max_answer_chars: int
+    def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., checksum: _Optional[str] = ..., backend: _Optional[str] = ..., image_size: _Optional[int] = ..., num_image_tokens: _Optional[int] = ..., heads_trained: _Optional[bool] = ..., verified: _Optional[bool] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., server_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_question_chars: _Optional[int] = ..., default_generation: _Optional[_Union[GenerationSettings, _Mapping]] = ..., max_answer_chars: _Optional[int] = ...) -> None: ...
