@@ -39,7 +39,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
 class ImageLimits:
     """Hard limits on one request's image, enforced before decoding."""
 
-    max_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = 32 * 1024 * 1024
     """Largest accepted payload, in bytes."""
     max_pixels: int = 50_000_000
     """Largest width * height (DICOM: rows * columns * frames * samples), read from the header."""

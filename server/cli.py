@@ -122,16 +122,21 @@ def _add_serve(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", metavar="DIR", help="model directory with its guard heads (default: $MEDHALLGUARD_MODEL)")
-    p.add_argument("--config", metavar="FILE.toml", help="deployment config: [server], [backend], [decode], [policy], [limits]")
-    p.add_argument("--address", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:50051; port 0 picks a free port)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="deployment config: [server], [backend], [decode], [policy], [limits]")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="where to listen (default 127.0.0.1:50051; port 0 picks a free port)")
     p.add_argument("--port", type=int, metavar="N", help="replace the port of the address (0 picks a free port)")
     p.add_argument("--max-concurrency", type=int, metavar="N", help="requests computing at once (default 2)")
-    p.add_argument("--max-queue", type=int, metavar="N", help="requests waiting beyond those; more get RESOURCE_EXHAUSTED (default 8)")
-    p.add_argument("--default-deadline-s", type=float, metavar="S", help="deadline for requests that send none (default 120)")
+    p.add_argument("--max-queue", type=int, metavar="N",
+                   help="requests waiting beyond those; more get RESOURCE_EXHAUSTED (default 8)")
+    p.add_argument("--default-deadline-s", type=float, metavar="S",
+                   help="deadline for requests that send none (default 120)")
     p.add_argument("--max-message-bytes", type=int, metavar="N", help="largest gRPC message in bytes (default 32 MiB)")
     p.add_argument("--max-question-chars", type=int, metavar="N", help="longest question accepted (default 4000)")
     p.add_argument("--grace-s", type=float, metavar="S", help="shutdown grace for in-flight requests (default 10)")
-    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default: $MEDHALLGUARD_LOG_LEVEL or INFO")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="default: $MEDHALLGUARD_LOG_LEVEL or INFO")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -162,8 +167,10 @@ def _add_target(p, what: str) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--server", metavar="HOST:PORT", help=f"{what} a running server over gRPC")
     target.add_argument("--model", metavar="DIR", help=f"{what} in-process: load the model here, no server")
-    p.add_argument("--config", metavar="FILE.toml", help="with --model: deployment config ([backend], [decode], [policy], [limits])")
-    p.add_argument("--timeout", type=float, metavar="S", help="deadline in seconds (default: the server's default_deadline_s)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="with --model: deployment config ([backend], [decode], [policy], [limits])")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="deadline in seconds (default: the server's default_deadline_s)")
     p.add_argument("--wait-ready", type=float, default=0.0, metavar="S",
                    help="with --server: first wait up to S seconds for health to report SERVING")
     p.add_argument("--json", action="store_true", help="print one JSON object (proto field names) instead of a layout")
@@ -195,9 +202,11 @@ def _add_ask(sub) -> None:
     _add_image(p)
     _add_target(p, "ask")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens (default: the server's)")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 is greedy; above 0 samples (default: the server's)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="0 is greedy; above 0 samples (default: the server's)")
     p.add_argument("--seed", type=int, metavar="S", help="sampling seed, for reproducible sampled answers")
-    p.add_argument("--stream", action="store_true", help="print the answer text as it is decoded (provisional until the verdict)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the answer text as it is decoded (provisional until the verdict)")
     p.set_defaults(func=_cmd_ask)
 
 
@@ -226,7 +235,11 @@ def _add_info(sub) -> None:
         "info",
         help="describe the model and the server's limits",
         description="Print the model id, family, checksum, backend, guard thresholds and the server's limits.",
-        epilog="examples:\n  medhallguard info --server 127.0.0.1:50051\n  medhallguard info --model runs/smolvlm --json",
+        epilog=(
+            "examples:\n"
+            "  medhallguard info --server 127.0.0.1:50051\n"
+            "  medhallguard info --model runs/smolvlm --json"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_target(p, "describe")
@@ -248,7 +261,9 @@ def _cmd_ask(args) -> int:
 def _cmd_score(args) -> int:
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    request = pb.ScoreRequest(question=args.question, answer=args.answer, request_id=args.request_id, **_image_fields(args))
+    request = pb.ScoreRequest(
+        question=args.question, answer=args.answer, request_id=args.request_id, **_image_fields(args)
+    )
     _print(args, _call(args, "Score", request), _format_answer)
     return 0
 
@@ -263,7 +278,9 @@ def _cmd_info(args) -> int:
 def _image_fields(args) -> dict:
     media_type = args.media_type or _SUFFIX_MEDIA_TYPES.get(args.image.suffix.lower())
     if media_type is None:
-        raise _Failure("INVALID_ARGUMENT", f"cannot tell the media type of {args.image} from its suffix; pass --media-type")
+        raise _Failure(
+            "INVALID_ARGUMENT", f"cannot tell the media type of {args.image} from its suffix; pass --media-type"
+        )
     try:
         return {"image": args.image.read_bytes(), "media_type": media_type}
     except OSError as e:

@@ -31,6 +31,10 @@ class ServerConfig:
     """Longest answer accepted by Score, in characters."""
     grace_s: float = 10.0
     """On SIGTERM/SIGINT, how long in-flight requests get to finish before they are cancelled."""
+    stream_deltas: bool = True
+    """AskStream sends text deltas before the verdict. They are provisional: an ABSTAIN
+    withholds the final answer, but deltas already sent cannot be recalled. Set false to
+    fail closed strictly: AskStream then sends only the final, guarded message."""
 
     def __post_init__(self) -> None:
         host, sep, port = self.address.rpartition(":")

@@ -25,12 +25,6 @@ from server.service import SERVICE_NAME, MedHallGuardServicer
 
 log = logging.getLogger(__name__)
 
-ENV_VARS = {
-    "MEDHALLGUARD_MODEL": "model directory (serve --model)",
-    "MEDHALLGUARD_CONFIG": "TOML config file (serve --config)",
-    "MEDHALLGUARD_ADDRESS": "HOST:PORT to listen on (serve --address)",
-    "MEDHALLGUARD_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (serve --log-level)",
-}
 _background: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
 
@@ -82,8 +76,14 @@ async def start(address: str, guard, config: ServerConfig) -> Running:
     await server.start()
     warmed = asyncio.ensure_future(_warm_up(guard, servicer, health_servicer))
     _background.add(warmed)
-    warmed.add_done_callback(_background.discard)
+    warmed.add_done_callback(_forget)
     return Running(server, port, health_servicer, servicer, warmed)
+
+
+def _forget(task: asyncio.Task) -> None:
+    _background.discard(task)
+    if not task.cancelled():
+        task.exception()  # already logged by _warm_up; mark it retrieved
 
 
 async def _warm_up(guard, servicer: MedHallGuardServicer, health_servicer) -> None:
@@ -92,8 +92,9 @@ async def _warm_up(guard, servicer: MedHallGuardServicer, health_servicer) -> No
         await asyncio.to_thread(guard.warmup)
     except Exception:
         log.exception("warm-up failed; health stays NOT_SERVING")
+        servicer.unready_reason = "the model failed its warm-up (see the server log); this replica will not serve"
         raise
-    servicer.ready = True
+    servicer.unready_reason = None
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: health is SERVING")
@@ -158,4 +159,5 @@ async def _serve(guard, config: ServerConfig, on_bound) -> int:
     log.info("shutting down: health NOT_SERVING, %.0f s grace for in-flight requests", config.grace_s)
     await running.stop(config.grace_s)
     stop_wait.cancel()
+    log.info("stopped")
     return 1 if failed else 0

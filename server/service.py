@@ -220,8 +220,8 @@ class MedHallGuardServicer(pb_grpc.MedHallGuardServicer):
         self.guard = guard
         self.config = config
         self.admission = Admission(config.max_concurrency, config.max_queue)
-        self.ready = False
-        """Set once guard.warmup() has finished; before that, requests get UNAVAILABLE."""
+        self.unready_reason: str | None = "the model is still warming up; retry when health reports SERVING"
+        """Why requests get UNAVAILABLE; None once guard.warmup() has finished."""
 
     async def Ask(self, request: pb.AskRequest, context) -> pb.AskResponse:
         req = request_from_pb(request, self.guard.config.decode, self.config)
@@ -233,6 +233,7 @@ class MedHallGuardServicer(pb_grpc.MedHallGuardServicer):
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
         on_text = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)  # noqa: E731 (worker thread)
+        on_text = on_text if self.config.stream_deltas else None  # strict fail-closed: only the guarded final
         work = asyncio.ensure_future(self._run(context, lambda stop: self.guard.answer(req, stop, on_text)))
         # Deltas reach the queue through the loop before the worker's result does, so None comes last.
         work.add_done_callback(lambda _: deltas.put_nowait(None))
@@ -256,8 +257,8 @@ class MedHallGuardServicer(pb_grpc.MedHallGuardServicer):
     async def _run(self, context, fn: Callable[[StopSignal], GuardResult]) -> tuple[GuardResult, float]:
         """Admit, run fn in a worker with the RPC's deadline and cancellation; -> (result, total_ms)."""
         t0 = time.perf_counter()
-        if not self.ready:
-            raise BackendUnavailableError("the model is still warming up; retry when health reports SERVING")
+        if self.unready_reason is not None:
+            raise BackendUnavailableError(self.unready_reason)
         remaining = context.time_remaining()
         timeout_s = self.config.default_deadline_s if remaining is None else remaining
         stop = StopSignal(deadline=time.monotonic() + timeout_s, cancelled=threading.Event())

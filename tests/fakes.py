@@ -47,6 +47,7 @@ class FakeGuard:
         token_delay_s: float = 0.0,
         warmup_gate: threading.Event | None = None,
         error: Exception | None = None,
+        warmup_error: Exception | None = None,
         verdict: VerdictKind = VerdictKind.ANSWER,
     ):
         self.config = FakeConfig()
@@ -54,6 +55,7 @@ class FakeGuard:
         self.token_delay_s = token_delay_s
         self.warmup_gate = warmup_gate
         self.error = error
+        self.warmup_error = warmup_error
         self.verdict = verdict
         self.started = threading.Event()
         """Set when a call starts decoding."""
@@ -65,6 +67,8 @@ class FakeGuard:
     def warmup(self) -> None:
         if self.warmup_gate is not None:
             self.warmup_gate.wait(30)
+        if self.warmup_error is not None:
+            raise self.warmup_error
 
     def answer(self, req: VqaRequest, stop: StopSignal | None = None, on_text=None) -> GuardResult:
         self.requests.append(req)
@@ -169,7 +173,8 @@ def serve_in_thread(guard, config=None, wait_ready: bool = True):
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="test-server")
     thread.start()
     try:
-        server = ServerThread(asyncio.run_coroutine_threadsafe(start("127.0.0.1:0", guard, config), loop).result(10), loop)
+        running = asyncio.run_coroutine_threadsafe(start("127.0.0.1:0", guard, config), loop).result(10)
+        server = ServerThread(running, loop)
         if wait_ready:
             server.run(_wait_warm(server.running), 70)
         try:

@@ -65,7 +65,8 @@ def test_external_subcommands_are_listed_lazily_and_missing_ones_skipped(monkeyp
 
 @pytest.mark.timeout(30)
 def test_ask_json_prints_one_parseable_object_with_the_verdict(fake_server, image, capsys):
-    rc = main(["ask", "--server", fake_server, "--image", str(image), "--json", "--request-id", "cli-1", "Any effusion?"])
+    argv = ["ask", "--server", fake_server, "--image", str(image), "--json", "--request-id", "cli-1", "Any effusion?"]
+    rc = main(argv)
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] == "VERDICT_ANSWER"

@@ -270,3 +270,55 @@ def test_graceful_stop_lets_in_flight_requests_finish_and_refuses_new_ones():
         with pytest.raises(grpc.RpcError) as info:
             stub.Ask(_ask(), timeout=2)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.timeout(30)
+def test_stream_past_its_deadline_is_deadline_exceeded_and_stops_decoding():
+    guard = FakeGuard(answer_text=LONG_ANSWER, token_delay_s=0.05)
+    with serve_in_thread(guard) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = pb_grpc.MedHallGuardStub(channel).AskStream(_ask(), timeout=0.4)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert guard.stopped.wait(5)
+
+
+@pytest.mark.timeout(30)
+def test_failed_warmup_keeps_health_not_serving_and_serve_exits_1():
+    import asyncio
+
+    from server.main import _serve
+
+    guard = FakeGuard(warmup_error=RuntimeError("weights are corrupt"))
+    with (
+        serve_in_thread(guard, wait_ready=False) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        deadline = time.monotonic() + 5
+        while not server.running.warmed.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(server.running.warmed.exception(), RuntimeError)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.MedHallGuardStub(channel).Ask(_ask(), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "warm-up" in info.value.details()
+
+    lines: list[str] = []
+    rc = asyncio.run(_serve(guard, ServerConfig(address="127.0.0.1:0", grace_s=0.1), lines.append))
+    assert rc == 1
+    assert lines and lines[0].startswith("serving on 127.0.0.1:")
+
+
+@pytest.mark.timeout(30)
+def test_stream_without_deltas_sends_only_the_guarded_final_message():
+    from server.config import ServerConfig
+
+    config = ServerConfig(address="127.0.0.1:0", stream_deltas=False)
+    with serve_in_thread(FakeGuard(answer_text=LONG_ANSWER), config) as running, grpc.insecure_channel(
+        f"127.0.0.1:{running.port}"
+    ) as channel:
+        events = list(pb_grpc.MedHallGuardStub(channel).AskStream(_ask(), timeout=20))
+    assert [e.WhichOneof("event") for e in events] == ["final"]
+    assert events[0].final.answer
