@@ -103,10 +103,13 @@ class Guard:
         timings.vision_ms = _ms_since(t)
         # 3) Decode, or teacher-force an answer produced elsewhere.
         if req.answer is None:
+            streamer = _TextStreamer(self.prompter, on_text) if on_text else None
             gen = decode.generate(
-                self.backend, prompt_embeds, self.spec.eos_token_ids, req.decode, stop, self._streamer(on_text)
+                self.backend, prompt_embeds, self.spec.eos_token_ids, req.decode, stop, streamer and streamer.on_token
             )
             text = self.prompter.decode(gen.token_ids)
+            if streamer:
+                streamer.flush(text)
         else:
             answer_ids = self.prompter.encode_answer(req.answer) + [self.spec.eos_token_ids[0]]
             gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop)
@@ -143,23 +146,6 @@ class Guard:
         features = self.backend.encode_image(pixels)
         return decode.splice_image(self.backend.embed(ids[None]), ids, features, self.spec.image_token_id)
 
-    def _streamer(self, on_text: Callable[[str], None] | None) -> Callable[[int], None] | None:
-        """Token ids -> text deltas; holds back an incomplete UTF-8 sequence."""
-        if on_text is None:
-            return None
-        ids: list[int] = []
-        sent = [""]
-
-        def on_token(token: int) -> None:
-            ids.append(token)
-            text = self.prompter.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(sent[0]) or text == sent[0]:
-                return
-            on_text(text[len(sent[0]) :])
-            sent[0] = text
-
-        return on_token
-
     def _score(self, gen, request_id: str) -> GuardScores | None:
         try:
             return self.heads.score(gen)
@@ -194,6 +180,31 @@ class Guard:
         buf = io.BytesIO()
         Image.new("L", (32, 32), 128).save(buf, format="PNG")
         self.answer(VqaRequest(buf.getvalue(), "image/png", "warm-up", DecodeConfig(max_new_tokens=2)))
+
+
+class _TextStreamer:
+    """Token ids -> text deltas. Holds back a trailing incomplete UTF-8 sequence until
+    more tokens complete it, and flushes whatever is left at the end, so the deltas
+    always add up to the final text."""
+
+    def __init__(self, prompter: Prompter, on_text: Callable[[str], None]):
+        self.prompter, self.on_text = prompter, on_text
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def on_token(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.prompter.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def flush(self, final_text: str) -> None:
+        self._emit(final_text)
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent) :])
+            self.sent = text
 
 
 def _check_question(question: str) -> None:

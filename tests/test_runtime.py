@@ -142,3 +142,17 @@ def test_config_rejects_unknown_tables_and_keys():
         GuardConfig.from_dict({"policy": {"warn_p": 0.1}})
     cfg = GuardConfig.from_dict({"policy": {"warn_p_hallucination": 0.2}, "decode": {"max_new_tokens": 64}})
     assert cfg.policy.warn_p_hallucination == 0.2 and cfg.decode.max_new_tokens == 64
+
+
+def test_streamed_deltas_hold_back_partial_utf8_and_flush_at_the_end(guards):
+    from guard.runtime import _TextStreamer
+
+    g = guards["smolvlm"]
+    ids = g.prompter.encode_answer("Le nodule mesure 12 mm \u2014 \u00e9paississement pleural")
+    deltas = []
+    s = _TextStreamer(g.prompter, deltas.append)
+    for i in ids:
+        s.on_token(i)
+    s.flush(g.prompter.decode(ids))
+    assert "".join(deltas) == g.prompter.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
