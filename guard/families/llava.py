@@ -47,3 +47,12 @@ def image_features(model, pixel_values):
 
 def text_model(model):
     return model.model.language_model
+
+
+def pixel_kwargs(pixel_values) -> dict:
+    """Model-forward keyword for a batch of single images [B, 3, H, W]."""
+    return {"pixel_values": pixel_values}
+
+
+LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+"""peft target regex: the attention projections of the text model only, not the vision tower."""

@@ -40,3 +40,12 @@ def image_features(model, pixel_values):
 
 def text_model(model):
     return model.model.text_model
+
+
+def pixel_kwargs(pixel_values) -> dict:
+    """Model-forward keyword for a batch of single images [B, 3, H, W]."""
+    return {"pixel_values": pixel_values[:, None]}  # Idefics3 takes [B, images per sample, 3, H, W]
+
+
+LORA_TARGETS = r".*text_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+"""peft target regex: the attention projections of the text model only, not the vision tower."""
