@@ -55,9 +55,15 @@ def default_corpus_files() -> list[Path]:
 
 
 def _corpus(files: list[Path]) -> list[str]:
+    """Question and answer text from MedHallTune JSONL or LLaVA-style JSON files."""
     lines = [line for line in _SEED_CORPUS.strip().splitlines()]
     for path in files:
-        for row in path.read_text().splitlines():
+        text = path.read_text()
+        if text.lstrip().startswith("["):  # LLaVA-style instruction JSON
+            for item in json.loads(text):
+                lines += [turn["value"].replace("<image>", "") for turn in item.get("conversations", [])]
+            continue
+        for row in text.splitlines():
             rec = json.loads(row)
             lines.append(rec.get("text", "").replace("<image>", ""))
             lines.append(rec.get("gpt4_answer", ""))

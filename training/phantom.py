@@ -70,6 +70,8 @@ MODALITY_NAMES = {"chest X-ray": ("chest X-ray", "radiograph", "chest film"),
                   "MRI": ("MRI", "MRI scan", "MR image"), "ultrasound": ("ultrasound", "ultrasound image"),
                   "PET": ("PET scan", "PET image")}
 ANNOTATIONS = ("arrow", "arrowhead", "red circle", "asterisk", "marker")
+SIZE_TOLERANCE_MM = 5.0  # a stated size is right within max(5 mm, 25 % of the true size)
+SIZE_TOLERANCE_FRAC = 0.25
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,11 @@ class QA:
     kind: str
     """One of POSITIVE_KINDS or NEGATIVE_KINDS."""
     label: dict = field(default_factory=dict)
-    """JSON-able facts: ask, finding, present, expected, premise, modality, findings."""
+    """JSON-able facts to judge any answer: `ask` (presence|side|zone|size|count|modality|findings|
+    annotation), `finding` (kind asked about or None), `present`, `expected` ("yes"|"no"|None),
+    `premise` (negative only: {"claim": present|side|size|count|modality|annotation|normal, ...the
+    false value}), `modality`, `findings` (all of the case's), and side/zone/size_mm/count when
+    the asked finding is present."""
 
     def __post_init__(self):
         kinds = POSITIVE_KINDS if self.polarity == "positive" else NEGATIVE_KINDS
@@ -156,6 +162,11 @@ class QA:
             raise ValueError(f"`polarity` must be positive or negative, got {self.polarity!r}")
         if self.kind not in kinds:
             raise ValueError(f"`kind` {self.kind!r} is not a {self.polarity} kind")
+
+
+def size_within_tolerance(stated_mm: float, true_mm: float) -> bool:
+    """The judge's size rule; wrong-size premises are at least twice this tolerance away."""
+    return abs(stated_mm - true_mm) <= max(SIZE_TOLERANCE_MM, SIZE_TOLERANCE_FRAC * true_mm)
 
 
 def pixel_spacing_mm(case: Case, size: int) -> float:
@@ -248,7 +259,7 @@ def _place_discs(rng, anat, lung, band, n, r, taken) -> list | None:
         y = rng.uniform(*band)
         clear = all(np.hypot(x - tx, y - ty) > r + tr + 6 for tx, ty, tr in taken + [(px, py, r) for px, py in out])
         if clear and _disc_fits(anat, lung, x, y, r):
-            out.append((round(x, 2), round(y, 2)))
+            out.append((round(float(x), 2), round(float(y), 2)))
             if len(out) == n:
                 return out
     return None
@@ -258,7 +269,7 @@ def _lateral_point(lung: _Ellipse, side: str, y: float) -> tuple[float, float]:
     """A point just inside the lateral edge of the lung at height y (where the ribs are visible)."""
     lateral = -1.0 if side == "right" else 1.0
     half = lung.a * np.sqrt(max(0.0, 1 - ((y - lung.cy) / lung.b) ** 2))
-    return round(lung.cx + lateral * 0.8 * half, 2), round(y, 2)
+    return round(float(lung.cx + lateral * 0.8 * half), 2), round(float(y), 2)
 
 
 def _sample_finding(rng, case_level, anat, kind, side, taken) -> Finding | None:
@@ -274,9 +285,12 @@ def _sample_finding(rng, case_level, anat, kind, side, taken) -> Finding | None:
         centers = [_lateral_point(lung, side, rng.uniform(*band))]
         if case_level:  # CT: the representative point is on the rib outside the lung
             centers = [_ct_rib_point(anat, side, rng.uniform(-0.5, 0.5))]
+        (fx, fy), reach = centers[0], size / 2 + 6
+        if any(np.hypot(fx - tx, fy - ty) < reach + tr for tx, ty, tr in taken):
+            return None
     else:  # effusion: lung base, pneumothorax: lung apex / anterior edge
         y = lung.cy + (lung.b - size / 2 if kind == "effusion" else -lung.b + size / 2)
-        centers = [(round(lung.cx, 2), round(y, 2))]
+        centers = [(round(float(lung.cx), 2), round(float(y), 2))]
     if centers is None:
         return None
     return Finding(kind, side, zone, size, count, tuple(centers))
@@ -286,13 +300,13 @@ def _ct_rib_point(anat: _Anatomy, side: str, t: float) -> tuple[float, float]:
     """A point on the ribs along the lateral chest wall; t in [-0.5, 0.5] runs anterior -> posterior."""
     theta = (np.pi + t) if side == "right" else -t
     b = anat.body
-    return round(b.cx + (b.a - 12) * np.cos(theta), 2), round(b.cy + (b.b - 12) * np.sin(theta), 2)
+    return round(float(b.cx + (b.a - 12) * np.cos(theta)), 2), round(float(b.cy + (b.b - 12) * np.sin(theta)), 2)
 
 
 def _compatible(f: Finding, others: list[Finding]) -> bool:
-    """Region findings (effusion, pneumothorax) must not cover another finding on their side and zone."""
+    """Region findings (effusion, pneumothorax) take their whole side: they would cover another finding."""
     regions = ("effusion", "pneumothorax")
-    return not any(f.side == o.side and f.zone == o.zone and (f.kind in regions or o.kind in regions) for o in others)
+    return not any(f.side == o.side and (f.kind in regions or o.kind in regions) for o in others)
 
 
 def sample_case(rng: np.random.Generator, case_id: str = "case") -> Case:
@@ -307,7 +321,8 @@ def sample_case(rng: np.random.Generator, case_id: str = "case") -> Case:
     findings: list[Finding] = []
     for kind in rng.permutation(allowed)[:n]:
         for _ in range(5):  # a few retries with fresh side/size/zone when there is no room
-            taken = [(x, y, o.size_mm / 2 if o.kind in DISC_KINDS else 25) for o in findings for x, y in o.centers_mm]
+            taken = [(x, y, o.size_mm / 2 + (0 if o.kind in DISC_KINDS else 6))  # (x, y, keep-out radius)
+                     for o in findings for x, y in o.centers_mm]
             f = _sample_finding(rng, level, anat, str(kind), SIDES[int(rng.integers(2))], taken)
             if f is not None and _compatible(f, findings):
                 findings.append(f)
@@ -389,10 +404,11 @@ def _finding_layers(case: Case, anat: _Anatomy, f: Finding, index: int, x, y, px
     rng = np.random.default_rng([case.seed, 7, index])  # shape details, independent of the noise
     lung, ct = anat.lungs[f.side], case.modality == "axial CT"
     if f.kind in DISC_KINDS:
-        r = max(f.size_mm / 2, 0.7 * px_mm)  # never smaller than a pixel: stays visible at 64 px
+        r = max(f.size_mm / 2, 0.9 * px_mm)  # ~2 px across at least: stays visible at 64 px
         alpha = np.zeros(x.shape, np.float32)
         for cx, cy in f.centers_mm:
-            wobble = 1 + (0.12 * np.sin(3 * np.arctan2(y - cy, x - cx) + rng.uniform(0, 6.3)) if f.kind == "mass" else 0)
+            lobes = 0.12 * np.sin(3 * np.arctan2(y - cy, x - cx) + rng.uniform(0, 6.3))  # masses are lobulated
+            wobble = 1 + (lobes if f.kind == "mass" else 0)
             alpha = np.maximum(alpha, np.hypot(x - cx, y - cy) <= r * wobble)
         return [(alpha, {"nodule": 0.64, "mass": 0.68, "calcification": 0.98}[f.kind])]
     if f.kind == "effusion":
@@ -435,8 +451,9 @@ def _fracture_alpha(anat: _Anatomy, f: Finding, ct: bool, rng, x, y):
     d /= np.linalg.norm(d)
     n = np.array([-d[1], d[0]]) * 4.0  # step of 4 mm across the rib
     gap = 4.0
-    a = _band(x, y, fx - d[0] * half, fy - d[1] * half, fx - d[0] * gap, fy - d[1] * gap, 3.5)
-    b = _band(x, y, fx + d[0] * gap + n[0], fy + d[1] * gap + n[1], fx + d[0] * half + n[0], fy + d[1] * half + n[1], 3.5)
+    ax, ay, bx, by = fx + n[0], fy + n[1], fx, fy  # the second fragment is stepped by n
+    a = _band(x, y, bx - d[0] * half, by - d[1] * half, bx - d[0] * gap, by - d[1] * gap, 3.5)
+    b = _band(x, y, ax + d[0] * gap, ay + d[1] * gap, ax + d[0] * half, ay + d[1] * half, 3.5)
     return (a | b).astype(np.float32)
 
 
@@ -493,21 +510,21 @@ def _finish(img, seed: int, size: int):
 # Wording varies by template; the key facts in answers stay canonical: the finding noun, the
 # patient's side word, the zone word, integer "mm" sizes, digit counts, and a leading Yes/No.
 _LOC = ("in the {side} {zone} zone", "in the {zone} zone of the {side} side", "on the {side} side, {zone} zone")
-_YES = ("Yes, there {be} {np} {loc}.", "Yes. {NP} {be} seen {loc}.", "Yes, the image shows {np} {loc}.",
+_YES = ("Yes, there {be} {np} {loc}.", "Yes. {Np} {be} seen {loc}.", "Yes, the image shows {np} {loc}.",
         "Yes; {np} {be} visible {loc}.")
 _NO = ("No, there is no {noun} in this image.", "No. No {noun} is seen.", "No, the image shows no {noun}.",
        "No; there is no evidence of a {noun}.")
-_SIDE_Q = ("Which side is the {noun} on?", "On which side is the {noun}?", "Is the {noun} on the left or the right?",
-           "Which side of the chest has the {noun}?")
-_SIDE_A = ("The {noun} is on the {side} side.", "The {noun} is on the patient's {side} side.",
-           "{NP} {be} present on the {side} side.", "It is a {side}-sided {noun}.")
-_ZONE_Q = ("In which zone is the {noun}?", "Where is the {noun} located?", "Where is the {noun}?",
-           "Which part of the chest contains the {noun}?")
-_ZONE_A = ("The {noun} is {loc}.", "{NP} {be} located {loc}.", "There {be} {np} {loc}.", "It lies {loc}: {np}.")
-_SIZE_Q = ("How large is the {noun}?", "What is the size of the {noun}?", "How big is the {noun}?",
-           "Approximately what size is the {noun}?")
-_SIZE_A = ("The {noun} measures about {size} mm.", "{NP} of about {size} mm {be} seen {loc}.",
-           "It is approximately {size} mm: {np} {loc}.", "The {noun} is about {size} mm in {dim}.")
+_SIDE_Q = ("Which side {be} {the} on?", "On which side {be} {the}?", "{Be} {the} on the left or the right?",
+           "Which side of the chest has {the}?")
+_SIDE_A = ("{The} {be} on the {side} side.", "{The} {be} on the patient's {side} side.",
+           "{Np} {be} present on the {side} side.", "{It_be} on the {side} side: {np} {loc}.")
+_ZONE_Q = ("In which zone {be} {the}?", "Where {be} {the} located?", "Where {be} {the}?",
+           "Which part of the chest contains {the}?")
+_ZONE_A = ("{The} {be} {loc}.", "{Np} {be} located {loc}.", "There {be} {np} {loc}.", "{It_be} {loc}: {np}.")
+_SIZE_Q = ("How large {be} {the}?", "What is the size of {the}?", "How big {be} {the}?",
+           "Approximately what size {be} {the}?")
+_SIZE_A = ("{The_each} measures about {size} mm.", "{Np} of about {size} mm {be} seen {loc}.",
+           "{It_be} approximately {size} mm: {np} {loc}.", "{The_each} is about {size} mm in {dim}.")
 _DIM = {"nodule": "diameter", "mass": "diameter", "effusion": "depth", "pneumothorax": "rim width"}
 _COUNT_Q = ("How many {plural} are there?", "How many {plural} can you see?", "What is the number of {plural}?",
             "Count the {plural} in this image.")
@@ -523,42 +540,49 @@ _FINDINGS_Q = (("What abnormality is seen in this image?", None), ("Describe the
                ("Are there any abnormal findings?", "abnormal"), ("Is this image normal?", "normal"))
 _NORMAL_A = ("No abnormality is seen; the lungs are clear.", "The image is normal, with no abnormal findings.",
              "There are no abnormal findings in this image.", "This {modality} looks normal.")
-_ABNORMAL_A = ("There is {list}.", "The image shows {list}.", "The findings are {list}.", "Findings: {list}.")
+_ABNORMAL_A = ("There {be} {list}.", "The image shows {list}.", "The findings are {list}.", "Findings: {list}.")
 
 _ABSENT_Q = ("What is the size of the {noun} {loc}?", "Describe the {noun} {loc}.",
              "How large is the {noun} in the {side} {zone} zone?", "Which zone is the {noun} on the {side} side in?")
-_ABSENT_A = ("There is no {noun} in this image.", "No {noun} is seen in this image{where}.",
+_ABSENT_A = ("There is no {noun} in this image.", "No {noun} is seen{where}.",
              "The image shows no {noun}, so there is nothing to describe.", "There is no {noun}{where}; none is visible.")
-_WRONG_SIDE_Q = ("What is the size of the {noun} on the {wrong} side?", "Describe the {noun} on the {wrong} side.",
-                 "The {noun} in the {wrong} lung: which zone is it in?", "How does the {wrong}-sided {noun} look?")
-_WRONG_SIDE_A = ("There is no {noun} on the {wrong} side; {the} {be} {loc}.",
-                 "The {noun} is not on the {wrong} side. It is {loc}.",
-                 "No {noun} is seen on the {wrong} side; {np} {be} present {loc}.",
-                 "The {noun} is on the {side} side, not the {wrong}: {np} {loc}.")
-_WRONG_SIZE_Q = ("Where is the {wrong} mm {noun}?", "Describe the {wrong} mm {noun}.",
-                 "The {noun} measures {wrong} mm; which side is it on?", "Is the {wrong_cm} cm {noun} on the left or the right?")
-_WRONG_SIZE_A = ("The {noun} measures about {size} mm, not {wrong} mm; it is {loc}.",
-                 "The {noun} is about {size} mm rather than {wrong} mm, and lies {loc}.",
-                 "It is not {wrong} mm: the {noun} measures about {size} mm, {loc}.",
-                 "The {noun} {loc} is about {size} mm in size, not {wrong} mm.")
+_WRONG_SIDE_Q = ("What is the size of {the} on the {wrong} side?", "Describe {the} on the {wrong} side.",
+                 "{The} in the {wrong} lung: which zone {be} {it} in?", "Which zone of the {wrong} side contains {the}?")
+_WRONG_SIDE_A = ("There {be} no {noun_n} on the {wrong} side; {the} {be} {loc}.",
+                 "{The} {be} not on the {wrong} side. {It_be} {loc}.",
+                 "No {noun_n} {be} seen on the {wrong} side; {np} {be} present {loc}.",
+                 "{The} {be} on the {side} side, not the {wrong}: {np} {loc}.")
+_WRONG_SIZE_Q = ("Where {be} the {wrong} mm {noun_n}?", "Describe the {wrong} mm {noun_n}.",
+                 "{The_each} measures {wrong} mm; which side {be} {it} on?",
+                 "{Be} the {wrong_cm} cm {noun_n} on the left or the right?")
+_WRONG_SIZE_A = ("{The_each} measures about {size} mm, not {wrong} mm; {it_be} {loc}.",
+                 "{The_each} is about {size} mm rather than {wrong} mm, and {it_be} {loc}.",
+                 "It is not {wrong} mm: {the_each} measures about {size} mm, {loc}.",
+                 "{The_each} {loc} is about {size} mm in size, not {wrong} mm.")
 _WRONG_COUNT_Q = ("Describe the {wrong_w} {wrong_noun}.", "Where are the {wrong} {wrong_noun} located?",
-                  "The image shows {wrong} {wrong_noun}; which side are they on?", "How large are the {wrong_w} {wrong_noun}?")
-_WRONG_COUNT_A = ("There {be} {count} {noun_n}, not {wrong}; {they} {loc}.", "Only {count} {noun_n} {be} seen, not {wrong}, {loc}.",
-                  "The image shows {count} {noun_n} rather than {wrong}, {loc}.", "Not {wrong}: there {be} {count} {noun_n} {loc}.")
+                  "The image shows {wrong} {wrong_noun}; which side are they on?",
+                  "How large are the {wrong_w} {wrong_noun}?")
+_WRONG_COUNT_A = ("There {be} {count} {noun_n}, not {wrong}; {it_be} {loc}.",
+                  "Only {count} {noun_n} {be} seen, not {wrong}, {loc}.",
+                  "The image shows {count} {noun_n} rather than {wrong}, {loc}.",
+                  "Not {wrong}: there {be} {count} {noun_n} {loc}.")
 _WRONG_MODALITY_Q = ("What does this {wrong} show?", "Describe the findings on this {wrong}.",
                      "Looking at this {wrong}, what is the main finding?", "In this {wrong} study, are the lungs normal?")
 _WRONG_MODALITY_A = ("This is not {a_wrong}; it is {a_true}. {summary}", "The image is {a_true}, not {a_wrong}. {summary}",
-                     "This image is not {a_wrong} but {a_true}. {summary}", "It is {a_true} rather than {a_wrong}. {summary}")
+                     "This image is not {a_wrong} but {a_true}. {summary}",
+                     "It is {a_true} rather than {a_wrong}. {summary}")
 _ANNOTATION_Q = ("What does the {mark} point to?", "What is marked by the {mark}?", "What does the {mark} indicate?",
                  "Describe the structure highlighted by the {mark}.")
 _ANNOTATION_A = ("There is no {mark} or other annotation in this image. {summary}",
                  "No {mark} is shown; the image has no annotations. {summary}",
-                 "The image contains no {mark} or markers. {summary}", "There are no annotations in this image. {summary}")
-_LEADING_Q = ("The {noun} {loc} is clearly visible; how large is it?", "Given the obvious {noun} {loc}, which zone is affected?",
+                 "The image contains no {mark}, label or other annotation. {summary}",
+                 "There are no annotations in this image. {summary}")
+_LEADING_Q = ("The {noun} {loc} is clearly visible; how large is it?",
+              "Given the obvious {noun} {loc}, which zone is affected?",
               "The {noun} is clearly seen {loc}, isn't it?", "Since there is a large {noun} {loc}, how big is it?")
 _LEADING_NORMAL_Q = ("This {modality} looks completely normal, right?", "There are no abnormalities in this image, correct?",
                      "The lungs look perfectly clear here, don't they?", "Nothing abnormal is visible in this image, is it?")
-_LEADING_NORMAL_A = ("No, it is not normal: {list_s}.", "No. The image shows {list}.", "No; there is {list}.",
+_LEADING_NORMAL_A = ("No, it is not normal: {list_s}.", "No. The image shows {list}.", "No; there {be} {list}.",
                      "No, the image is abnormal: {list_s}.")
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
@@ -575,12 +599,14 @@ def _cap(s: str) -> str:
 def _facts(f: Finding, rng) -> dict:
     """Template fields for a finding: noun, np ("2 nodules"), be, loc ..."""
     plural = f.count > 1
-    loc = _LOC[int(rng.integers(len(_LOC)))].format(side=f.side, zone=f.zone)
-    np_ = f"{f.count} {PLURALS[f.kind]}" if plural else f"a {NOUNS[f.kind]}"
-    return dict(noun=NOUNS[f.kind], plural=PLURALS[f.kind], np=np_, NP=_cap(np_), be="are" if plural else "is",
-                loc=loc, side=f.side, zone=f.zone, size=f.size_mm, count=f.count, dim=_DIM.get(f.kind, "size"),
-                noun_n=PLURALS[f.kind] if plural else NOUNS[f.kind], they="they are" if plural else "it is",
-                the=f"the {PLURALS[f.kind]}" if plural else f"the {NOUNS[f.kind]}")
+    noun, noun_n = NOUNS[f.kind], (PLURALS[f.kind] if plural else NOUNS[f.kind])
+    np_ = f"{f.count} {noun_n}" if plural else f"a {noun}"
+    d = dict(noun=noun, plural=PLURALS[f.kind], noun_n=noun_n, np=np_, be="are" if plural else "is",
+             it="they" if plural else "it", it_be="they are" if plural else "it is", the=f"the {noun_n}",
+             the_each=f"each {noun}" if plural else f"the {noun}", side=f.side, zone=f.zone, size=f.size_mm,
+             count=f.count, dim=_DIM.get(f.kind, "size"),
+             loc=_pick(rng, _LOC).format(side=f.side, zone=f.zone))
+    return {**d, **{_cap(k): _cap(v) for k, v in d.items() if isinstance(v, str)}}
 
 
 def _pick(rng, options):
@@ -596,11 +622,16 @@ def _listing(case: Case, rng) -> str:
     return " and ".join(parts)
 
 
+def _be(case: Case) -> str:
+    """'is' or 'are' to agree with the first finding of a listing."""
+    return "are" if case.findings[0].count > 1 else "is"
+
+
 def _summary(case: Case, rng) -> str:
     """A sentence with the case's true findings (or normality)."""
     if not case.findings:
         return _pick(rng, _NORMAL_A).format(modality=case.modality)
-    return _pick(rng, _ABNORMAL_A).format(list=_listing(case, rng))
+    return _pick(rng, _ABNORMAL_A).format(list=_listing(case, rng), be=_be(case))
 
 
 def _label(case: Case, ask: str, finding: str | None = None, expected: str | None = None, premise=None) -> dict:
@@ -644,15 +675,8 @@ def _q_attribute(case, rng, kind, questions, answers, kinds=FINDING_KINDS):
     """A positive question about one attribute (side/zone/size/count) of a present finding."""
     f = _pick(rng, [g for g in case.findings if g.kind in kinds])
     d = _facts(f, rng)
-    if kind == "count":
-        return QA(_pick(rng, questions).format(**d), _pick(rng, answers).format(**d), "positive", kind,
-                  _label(case, kind, f.kind))
-    noun = d["plural"] if f.count > 1 else d["noun"]  # "Which side are the nodules on?"
-    q = _pick(rng, questions).format(noun=noun).replace(" is the " + noun, " are the " + noun) if f.count > 1 \
-        else _pick(rng, questions).format(noun=noun)
-    a = _pick(rng, answers).format(**{**d, "noun": noun}).replace(f"The {noun} is", f"The {noun} are") if f.count > 1 \
-        else _pick(rng, answers).format(**d)
-    return QA(q, a, "positive", kind, _label(case, kind, f.kind))
+    return QA(_pick(rng, questions).format(**d), _pick(rng, answers).format(**d), "positive", kind,
+              _label(case, kind, f.kind))
 
 
 def _q_modality(case, rng):
@@ -674,13 +698,13 @@ def _q_absent(case, rng, leading=False):
     kind = _absent_kind(case, rng)
     d = {**_fake_loc(case, kind, rng), "noun": NOUNS[kind]}
     q = _pick(rng, _LEADING_Q if leading else _ABSENT_Q).format(**d)
-    where = _pick(rng, ("", " " + d["loc"]))
+    where = _pick(rng, (" in this image", " " + d["loc"]))
     answer = _pick(rng, _ABSENT_A).format(noun=d["noun"], where=where)
     expected = "no" if q.endswith("isn't it?") else None
     if expected:
         answer = f"No. {answer}"
     answer += " " + _summary(case, rng)
-    premise = dict(finding=kind, present=True, side=d["side"], zone=d["zone"])
+    premise = dict(claim="present", finding=kind, side=d["side"], zone=d["zone"])
     kind_name = "leading_claim" if leading else "absent_finding"
     return QA(q, answer, "negative", kind_name, _label(case, "presence", kind, expected, premise))
 
@@ -689,9 +713,10 @@ def _q_wrong_side(case, rng):
     f = _pick(rng, case.findings)
     d = _facts(f, rng)
     wrong = "left" if f.side == "right" else "right"
-    q = _pick(rng, _WRONG_SIDE_Q).format(noun=d["noun"], wrong=wrong)
+    q = _pick(rng, _WRONG_SIDE_Q).format(**d, wrong=wrong)
     a = _pick(rng, _WRONG_SIDE_A).format(**d, wrong=wrong)
-    return QA(q, a, "negative", "wrong_side", _label(case, "side", f.kind, premise=dict(finding=f.kind, side=wrong)))
+    premise = dict(claim="side", finding=f.kind, side=wrong)
+    return QA(q, a, "negative", "wrong_side", _label(case, "side", f.kind, premise=premise))
 
 
 def _wrong_size(true_mm: int, rng) -> int:
@@ -706,12 +731,10 @@ def _q_wrong_size(case, rng):
     d = _facts(f, rng)
     wrong = _wrong_size(f.size_mm, rng)
     wrong_cm = f"{wrong / 10:g}"
-    q = _pick(rng, _WRONG_SIZE_Q).format(noun=d["plural"] if f.count > 1 else d["noun"], wrong=wrong, wrong_cm=wrong_cm)
+    q = _pick(rng, _WRONG_SIZE_Q).format(**d, wrong=wrong, wrong_cm=wrong_cm)
     a = _pick(rng, _WRONG_SIZE_A).format(**d, wrong=wrong)
-    if f.count > 1:
-        a = a.replace(f"The {d['noun']} measures", f"Each {d['noun']} measures").replace(
-            f"The {d['noun']} is", f"Each {d['noun']} is")
-    return QA(q, a, "negative", "wrong_size", _label(case, "size", f.kind, premise=dict(finding=f.kind, size_mm=wrong)))
+    premise = dict(claim="size", finding=f.kind, size_mm=wrong)
+    return QA(q, a, "negative", "wrong_size", _label(case, "size", f.kind, premise=premise))
 
 
 def _q_wrong_count(case, rng):
@@ -723,7 +746,8 @@ def _q_wrong_count(case, rng):
                                                       "Where is the one {wrong_noun} located?"))
     q = q.format(wrong=wrong, wrong_w=_NUMBER_WORDS[wrong], wrong_noun=wrong_noun)
     a = _pick(rng, _WRONG_COUNT_A).format(**d, wrong=wrong)
-    return QA(q, a, "negative", "wrong_count", _label(case, "count", f.kind, premise=dict(finding=f.kind, count=wrong)))
+    premise = dict(claim="count", finding=f.kind, count=wrong)
+    return QA(q, a, "negative", "wrong_count", _label(case, "count", f.kind, premise=premise))
 
 
 def _q_wrong_modality(case, rng):
@@ -731,14 +755,15 @@ def _q_wrong_modality(case, rng):
     q = _pick(rng, _WRONG_MODALITY_Q).format(wrong=_pick(rng, MODALITY_NAMES[wrong]))
     a = _pick(rng, _WRONG_MODALITY_A).format(a_wrong=_a(_pick(rng, MODALITY_NAMES[wrong])),
                                              a_true=_a(case.modality), summary=_summary(case, rng))
-    return QA(q, a, "negative", "wrong_modality", _label(case, "modality", premise=dict(modality=wrong)))
+    return QA(q, a, "negative", "wrong_modality", _label(case, "modality", premise=dict(claim="modality", modality=wrong)))
 
 
 def _q_fake_annotation(case, rng):
     mark = str(rng.choice(ANNOTATIONS))
     q = _pick(rng, _ANNOTATION_Q).format(mark=mark)
     a = _pick(rng, _ANNOTATION_A).format(mark=mark, summary=_summary(case, rng))
-    return QA(q, a, "negative", "fake_annotation", _label(case, "annotation", premise=dict(annotation=mark)))
+    premise = dict(claim="annotation", annotation=mark)
+    return QA(q, a, "negative", "fake_annotation", _label(case, "annotation", premise=premise))
 
 
 def _q_leading(case, rng):
@@ -746,8 +771,8 @@ def _q_leading(case, rng):
         return _q_absent(case, rng, leading=True)
     q = _pick(rng, _LEADING_NORMAL_Q).format(modality=case.modality)
     listing = _listing(case, rng)
-    a = _pick(rng, _LEADING_NORMAL_A).format(list=listing, list_s=f"there is {listing}")
-    return QA(q, a, "negative", "leading_claim", _label(case, "findings", expected="no", premise=dict(normal=True)))
+    a = _pick(rng, _LEADING_NORMAL_A).format(list=listing, list_s=f"there {_be(case)} {listing}", be=_be(case))
+    return QA(q, a, "negative", "leading_claim", _label(case, "findings", expected="no", premise=dict(claim="normal")))
 
 
 def _builders(case: Case):
@@ -756,7 +781,7 @@ def _builders(case: Case):
     pos = [_q_presence_no, _q_modality, _q_findings]
     neg = [_q_absent, _q_wrong_modality, _q_fake_annotation, _q_leading]
     if kinds:
-        pos += [_q_presence_yes,
+        pos += [_q_presence_yes, _q_presence_yes,  # twice: normal cases can only ask "no", keep yes/no balanced
                 lambda c, r: _q_attribute(c, r, "side", _SIDE_Q, _SIDE_A),
                 lambda c, r: _q_attribute(c, r, "zone", _ZONE_Q, _ZONE_A)]
         neg.append(_q_wrong_side)
@@ -792,10 +817,85 @@ def questions_for(case: Case, rng: np.random.Generator, n_questions: int = 6) ->
     return out
 
 
-SIZE_TOLERANCE_MM = 5.0
-SIZE_TOLERANCE_FRAC = 0.25
-"""A stated size is right if within max(SIZE_TOLERANCE_MM, SIZE_TOLERANCE_FRAC * true size)."""
+# ---- dataset files -----------------------------------------------------------------------------
 
 
-def size_within_tolerance(stated_mm: float, true_mm: float) -> bool:
-    return abs(stated_mm - true_mm) <= max(SIZE_TOLERANCE_MM, SIZE_TOLERANCE_FRAC * true_mm)
+def _record(case: Case, k: int, qa: QA) -> dict:
+    """One LLaVA-style instruction record (the MedHallTune training-set layout)."""
+    return {"id": f"{case.case_id}_q{k}", "image": f"{case.case_id}.png",
+            "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"},
+                              {"from": "gpt", "value": qa.answer}],
+            "polarity": qa.polarity, "label": qa.label, "kind": qa.kind, "modality": case.modality}
+
+
+def _split_of(n_images: int, seed: int, splits: dict[str, float]) -> list[str]:
+    """A split name per image: a seeded shuffle cut by the fractions (all questions of an image together)."""
+    if not splits or any(v < 0 for v in splits.values()) or abs(sum(splits.values()) - 1) > 1e-6:
+        raise ValueError(f"`splits` fractions must be >= 0 and sum to 1, got {splits}")
+    order = np.random.default_rng([seed, 2]).permutation(n_images)
+    names = list(splits)
+    bounds = np.round(np.cumsum([splits[k] for k in names]) * n_images).astype(int)
+    out = [""] * n_images
+    for rank, i in enumerate(order):
+        out[i] = names[int(np.searchsorted(bounds, rank, side="right"))] if rank < bounds[-1] else names[-1]
+    return out
+
+
+def _progress(items, total: int, enabled: bool):
+    """tqdm when it is installed, else a counter on stderr every 10 %."""
+    if not enabled:
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        step = max(1, total // 10)
+        for i, item in enumerate(items, 1):
+            yield item
+            if i % step == 0 or i == total:
+                print(f"phantom: {i}/{total} images", file=sys.stderr)
+        return
+    yield from tqdm(items, total=total, unit="img")
+
+
+def write_dataset(out_dir, n_images: int, seed: int, size: int = 64, splits: dict[str, float] | None = None,
+                  questions_per_image: int = 6, progress: bool = False) -> dict[str, int]:
+    """Write images/<case_id>.png, <split>.json per split and cases.json; returns records per split."""
+    splits = {"train": 0.8, "heldout": 0.2} if splits is None else splits
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    cases = generate(n_images, seed)
+    split_of = _split_of(n_images, seed, splits)
+    q_rng = np.random.default_rng([seed, 3])
+    records: dict[str, list] = {name: [] for name in splits}
+    for case, split in _progress(zip(cases, split_of), n_images, progress):
+        render(case, size).save(out / "images" / f"{case.case_id}.png", format="PNG")
+        records[split] += [_record(case, k, qa) for k, qa in enumerate(questions_for(case, q_rng, questions_per_image))]
+    for name, rows in records.items():
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    meta = dict(seed=seed, size=size, n_images=n_images, image_pixel_spacing_note="case pixel_spacing_mm * 64 / size",
+                cases=[{**asdict(c), "split": s, "image": f"{c.case_id}.png",
+                        "image_pixel_spacing_mm": pixel_spacing_mm(c, size)} for c, s in zip(cases, split_of)])
+    (out / "cases.json").write_text(json.dumps(meta, indent=1))
+    return {name: len(rows) for name, rows in records.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.phantom", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--questions-per-image", type=int, default=6)
+    parser.add_argument("--heldout", type=float, default=0.2, help="fraction of images in heldout.json")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.size < 16 or not 0 <= args.heldout <= 1:
+        parser.error("need --images >= 1, --size >= 16 and 0 <= --heldout <= 1")
+    counts = write_dataset(args.out_dir, args.images, args.seed, args.size,
+                           {"train": 1 - args.heldout, "heldout": args.heldout}, args.questions_per_image, progress=True)
+    print(json.dumps({"out_dir": str(args.out_dir), "images": args.images, "records": counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

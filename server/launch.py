@@ -1,0 +1,59 @@
+"""Start `medhallguard serve` as a child process on a loopback port, for scripts (demo, eval, benchmarks).
+
+The child prints `serving on HOST:PORT` first; `served()` waits for health to
+turn SERVING, yields the address, then sends SIGTERM and checks that the
+server drained and exited 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cli_path() -> Path:
+    return Path(sys.executable).with_name("medhallguard")
+
+
+@contextlib.contextmanager
+def served(model_dir: str | Path, config: str | Path | None = None, ready_timeout_s: float = 120.0, log=None):
+    """-> "127.0.0.1:PORT" of a SERVING server; raises RuntimeError if it does not come up."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cmd = [str(cli_path()), "serve", "--model", str(model_dir), "--address", "127.0.0.1:0"]
+    if config:
+        cmd += ["--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        if not line.startswith("serving on "):
+            raise RuntimeError(f"`{' '.join(cmd)}` did not start (first line {line!r}); see its log above")
+        address = line.removeprefix("serving on ")
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            grpc.channel_ready_future(channel).result(timeout=ready_timeout_s)
+            _wait_serving(health, health_pb2, ready_timeout_s)
+        if log:
+            log(f"server for {model_dir} is SERVING on {address}")
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        if code != 0:
+            raise RuntimeError(f"the server for {model_dir} exited {code} after SIGTERM (expected 0)")
+
+
+def _wait_serving(health, health_pb2, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not turn SERVING within {timeout_s} s")

@@ -1,0 +1,206 @@
+"""`medhallguard build-default`: the default model that `make demo` serves, and its baseline.
+
+The recipe, end to end on CPU:
+  1) PhantomVQA: synthetic images with exact findings, split by image.
+  2) MedHallTune development split, split by image into train and held-out
+     parts (its images are not distributed: rows train on a blank image).
+  3) A nano SmolVLM-family model, initialized from a config, with a tokenizer
+     trained on the training text only.
+  4) Full training on PhantomVQA + MedHallTune (train parts): the tuned model.
+     The same recipe without negative questions: the baseline ("before tuning").
+  5) Guard heads fitted on the tuned model's own hidden states: p(hallucination)
+     on exact labels of both models' generated answers, the four scores on
+     LLaVA-Med's GPT-4o-scored answers, the premise head on question polarity.
+Held-out parts are never trained on; `training/evaluate.py` reports on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHARED_MEDHALLTUNE = Path(__file__).resolve().parents[2] / "shared" / "data" / "medhalltune"
+VAL_FILES = ("val_positive_qa-filtered.jsonl", "val_negative_qa-filtered.jsonl")
+PRED_FILES = ("llava-med-prediction-postive-GPT4o-eval-filtered.jsonl",
+              "llava-med-prediction-negative-GPT4o-eval-filtered.jsonl")
+
+
+@dataclass(frozen=True)
+class DefaultRecipe:
+    phantom_images: int = 2400
+    """PhantomVQA images (about six questions each); 20% are held out."""
+    questions_per_image: int = 6
+    image_size: int = 64
+    steps: int = 900
+    """Optimizer steps for each of the tuned and baseline models."""
+    batch_size: int = 32
+    lr: float = 2e-3
+    medhalltune_weight: float = 0.25
+    """Share of MedHallTune rows in the training mix (PhantomVQA gets the rest)."""
+    head_questions: int = 1600
+    """PhantomVQA training questions answered by both models to fit p(hallucination)."""
+    max_new_tokens: int = 48
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.medhalltune_weight < 1.0:
+            raise ValueError("`medhalltune_weight` must be in [0, 1)")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("MEDHALLGUARD_CACHE")
+    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medhallguard"
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / "default"
+
+
+def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medhalltune_dir: Path = SHARED_MEDHALLTUNE,
+                  log=print) -> dict:
+    """Build `out_root/{tuned,baseline,data}`; -> the build record (also written as build_record.json)."""
+    from training.data import load_examples, split_by_image, write_llava_json
+    from training.init_model import init_model
+    from training.phantom import write_dataset
+    from training.train import DataSource, TrainConfig, train
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    data, timings = out_root / "data", {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 1)
+        log(f"[build-default] {name}: {timings[name]} s")
+        clock = time.perf_counter()
+
+    # 1) PhantomVQA.
+    write_dataset(data / "phantom", n_images=recipe.phantom_images, seed=recipe.seed, size=recipe.image_size,
+                  questions_per_image=recipe.questions_per_image)
+    lap("phantom")
+
+    # 2) MedHallTune, split by image (the held-out part is for evaluation only).
+    mht = _medhalltune(medhalltune_dir, recipe.seed)
+    write_llava_json(mht["train"], data / "medhalltune" / "train.json")
+    write_llava_json(mht["heldout"], data / "medhalltune" / "heldout.json")
+    write_llava_json(mht["pred_train"], data / "medhalltune" / "pred_train.json")
+    write_llava_json(mht["pred_heldout"], data / "medhalltune" / "pred_heldout.json")
+    lap("medhalltune")
+
+    # 3) The initial model: tokenizer trained on the training text only.
+    init_dir = out_root / "init"
+    shutil.rmtree(init_dir, ignore_errors=True)
+    init_model("smolvlm", "nano", init_dir, seed=recipe.seed,
+               corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"])
+    lap("init")
+
+    # 4) Tuned and baseline models.
+    sources = (DataSource(str(data / "phantom" / "train.json"), 1.0 - recipe.medhalltune_weight),
+               DataSource(str(data / "medhalltune" / "train.json"), recipe.medhalltune_weight))
+    sources = tuple(s for s in sources if s.weight > 0)
+    for name, positive_only in (("tuned", False), ("baseline", True)):
+        train(TrainConfig(model=str(init_dir), out=str(out_root / name), data=sources, mode="full",
+                          steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                          warmup_steps=min(50, recipe.steps // 10), allow_missing_images=True,
+                          positive_only=positive_only, checkpoint_every=0, seed=recipe.seed,
+                          model_id=f"medhallguard-smolvlm-nano-{name}"))
+        lap(f"train_{name}")
+
+    # 5) Guard heads on the tuned model's hidden states.
+    metrics = fit_default_heads(out_root, recipe, log)
+    lap("heads")
+
+    record = {"recipe": asdict(recipe), "timings_s": timings, "total_s": round(sum(timings.values()), 1),
+              "head_calibration": metrics, "medhalltune_rows": {k: len(v) for k, v in mht.items()}}
+    (out_root / "build_record.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _medhalltune(root: Path, seed: int) -> dict:
+    """Question rows and LLaVA-Med's scored answers, split by image into train and held-out."""
+    from training.data import load_examples, split_by_image
+
+    if not all((root / f).is_file() for f in VAL_FILES + PRED_FILES):
+        raise FileNotFoundError(f"the MedHallTune development files are not under {root}; "
+                                "pass --medhalltune-dir DIR (the folder with val_*_qa-filtered.jsonl)")
+    load = lambda f: load_examples(root / f, None, allow_missing_images=True).examples  # noqa: E731
+    val = [e for f in VAL_FILES for e in load(f)]
+    pred = [e for f in PRED_FILES for e in load(f)]
+    parts = split_by_image(val, {"train": 0.8, "heldout": 0.2}, seed=seed)
+    heldout_images = {e.image for e in parts["heldout"]}
+    return {"train": parts["train"], "heldout": parts["heldout"],
+            "pred_train": [e for e in pred if e.image not in heldout_images],
+            "pred_heldout": [e for e in pred if e.image in heldout_images]}
+
+
+def _batches(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def fit_default_heads(out_root: Path, recipe: DefaultRecipe, log=print) -> dict:
+    """Collect features from the tuned model and fit its heads in place."""
+    from guard.backends.torch_backend import load_model
+    from guard.prompt import Prompter
+    from guard.spec import HEADS_FILE, spec_from_hf_dir
+    from training.data import load_examples
+    from training.features import TorchModel, generate_batch, teacher_force_batch
+    from training.heads import FeatureRows, fit_heads
+    from training.phantom_judge import judge
+    from training.train import image_pixels
+
+    tuned_dir, data = out_root / "tuned", out_root / "data"
+    spec = spec_from_hf_dir(tuned_dir)
+    prompter = Prompter(tuned_dir / "tokenizer.json", spec)
+    tuned = TorchModel(load_model(tuned_dir), spec)
+    baseline = TorchModel(load_model(out_root / "baseline"), spec)
+    eos = spec.eos_token_ids[0]
+    rows = FeatureRows.empty()
+
+    def encode(examples):
+        prompts = [prompter.encode_prompt(e.question).tolist() for e in examples]
+        pixels = np.stack([image_pixels(e, spec.preprocess) for e in examples])
+        return prompts, pixels
+
+    # p(hallucination): both models answer PhantomVQA training questions; the judge labels each answer.
+    phantom = load_examples(data / "phantom" / "train.json", data / "phantom" / "images").examples
+    rng = np.random.default_rng(recipe.seed)
+    phantom = [phantom[i] for i in rng.permutation(len(phantom))[: recipe.head_questions]]
+    n_hall = 0
+    for batch in _batches(phantom, 64):
+        prompts, pixels = encode(batch)
+        for model in (tuned, baseline):
+            answers = generate_batch(model, prompts, pixels, recipe.max_new_tokens)
+            labels = [judge(prompter.decode(a), _qa(e)).hallucinated for e, a in zip(batch, answers)]
+            n_hall += sum(labels)
+            gens = teacher_force_batch(tuned, prompts, answers, pixels)
+            rows.add(gens, hall=labels, premise=[e.polarity == "negative" for e in batch],
+                     groups=[e.image for e in batch])
+    log(f"[build-default] p(hallucination) rows: {2 * len(phantom)}, hallucinated: {n_hall}")
+
+    # Scores: LLaVA-Med's answers, teacher-forced; premise: MedHallTune question polarity.
+    preds = load_examples(data / "medhalltune" / "pred_train.json", None, allow_missing_images=True).examples
+    for batch in _batches(preds, 32):
+        prompts, pixels = encode(batch)
+        answers = [prompter.encode_answer(e.model_answer or e.answer)[:128] + [eos] for e in batch]
+        gens = teacher_force_batch(tuned, prompts, answers, pixels)
+        rows.add(gens, scores=[e.scores for e in batch], premise=[e.polarity == "negative" for e in batch],
+                 groups=[e.image for e in batch])
+
+    heads, metrics = fit_heads(rows)
+    heads.save(tuned_dir / HEADS_FILE)
+    log(f"[build-default] heads on the calibration fold: {json.dumps(metrics)}")
+    return metrics
+
+
+def _qa(example):
+    from training.phantom import QA
+
+    return QA(question=example.question, answer=example.answer, polarity=example.polarity,
+              kind=example.meta["kind"], label=example.meta["label"])

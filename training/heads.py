@@ -1,0 +1,165 @@
+"""Fit the guard heads on features from the tuned model's own hidden states.
+
+The answer head has five outputs with masked losses, because each source
+labels only some of them: PhantomVQA generations carry exact hallucination
+labels (BCE on output 0), and scored LLaVA-Med answers carry GPT-4o's four
+scores (MSE on sigmoid of outputs 1-4, scaled to 1-10 like `guard.head`). The
+premise head is a binary classifier of negative vs positive questions on the
+prompt's hidden state. Both are small torch MLPs during fitting, then saved as
+the numpy `guard.head.MLPHead` the runtime runs. Temperatures are fitted on a
+held-out calibration fold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from guard.head import MLPHead
+
+
+@dataclass(frozen=True)
+class HeadFitConfig:
+    width: int = 64
+    """Hidden units of each MLP."""
+    steps: int = 400
+    """Full-batch Adam steps."""
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.steps < 1:
+            raise ValueError("`width` and `steps` must be at least 1")
+
+
+def fit_mlp(x: np.ndarray, targets: np.ndarray, kinds: tuple[str, ...], cfg: HeadFitConfig) -> MLPHead:
+    """x [N, F]; targets [N, K] with NaN where unlabelled; kinds[k] is "bce" (0/1) or "score" (1-10)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy(((x - mean) / std).astype(np.float32))
+    y = torch.from_numpy(targets.astype(np.float32))
+    known = ~torch.isnan(y)
+    y = torch.nan_to_num(y)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], cfg.width), torch.nn.GELU(approximate="tanh"),
+        torch.nn.Dropout(cfg.dropout), torch.nn.Linear(cfg.width, targets.shape[1]),
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bce = [k == "bce" for k in kinds]
+    for _ in range(cfg.steps):
+        z = net(xt)
+        loss = 0.0
+        for k in range(targets.shape[1]):
+            m = known[:, k]
+            if not m.any():
+                continue
+            if bce[k]:
+                loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(z[m, k], y[m, k])
+            else:  # scores 1-10 -> sigmoid space, as guard.head decodes them
+                loss = loss + torch.nn.functional.mse_loss(torch.sigmoid(z[m, k]), (y[m, k] - 1) / 9) * 4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    w1, w2 = net[0], net[3]
+    return MLPHead(mean=mean.astype(np.float32), std=std.astype(np.float32),
+                   w1=w1.weight.detach().numpy().T.copy(), b1=w1.bias.detach().numpy().copy(),
+                   w2=w2.weight.detach().numpy().T.copy(), b2=w2.bias.detach().numpy().copy())
+
+
+def group_folds(groups: list[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """True for rows whose group (image) hashes into the held-out `fraction`; stable across runs."""
+    import hashlib
+
+    def bucket(g: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest()[:8], 16) / 2**32
+
+    return np.array([bucket(g) < fraction for g in groups])
+
+
+def logits_of(head: MLPHead, x: np.ndarray, column: int = 0) -> np.ndarray:
+    return head(x)[:, column]
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-np.asarray(z, float)))
+
+
+def safe(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+
+# --- collecting features and fitting both heads -----------------------------
+
+ANSWER_KINDS = ("bce", "score", "score", "score", "score")
+
+
+@dataclass
+class FeatureRows:
+    """Rows for the heads. NaN marks a target a source does not label."""
+
+    answer_x: list
+    answer_y: list  # [p_hall label, 4 scores]
+    answer_group: list
+    premise_x: list
+    premise_y: list
+    premise_group: list
+
+    @classmethod
+    def empty(cls) -> "FeatureRows":
+        return cls([], [], [], [], [], [])
+
+    def add(self, gens, hall=None, scores=None, premise=None, groups=None) -> None:
+        from guard.head import answer_features, prompt_features
+
+        for i, g in enumerate(gens):
+            y = [np.nan] * 5
+            if hall is not None:
+                y[0] = float(hall[i])
+            if scores is not None and scores[i] is not None:
+                y[1:] = list(scores[i])
+            self.answer_x.append(answer_features(g))
+            self.answer_y.append(y)
+            self.answer_group.append(groups[i])
+            if premise is not None:
+                self.premise_x.append(prompt_features(g))
+                self.premise_y.append(float(premise[i]))
+                self.premise_group.append(groups[i])
+
+
+def fit_heads(rows: FeatureRows, cfg: HeadFitConfig = HeadFitConfig(), calib_fraction: float = 0.2):
+    """-> (GuardHeads, metrics on the calibration fold). Folds are split by group (image)."""
+    from guard.head import SCORE_NAMES, GuardHeads
+    from training.metrics import auroc, ece, fit_temperature, spearman
+
+    ax, ay = np.stack(rows.answer_x), np.array(rows.answer_y, float)
+    px, py = np.stack(rows.premise_x), np.array(rows.premise_y, float)
+    a_cal, p_cal = group_folds(rows.answer_group, calib_fraction, cfg.seed), group_folds(rows.premise_group, calib_fraction, cfg.seed)
+    answer = fit_mlp(ax[~a_cal], ay[~a_cal], ANSWER_KINDS, cfg)
+    premise = fit_mlp(px[~p_cal], py[~p_cal, None], ("bce",), cfg)
+
+    z_a, z_p = answer(ax[a_cal]), premise(px[p_cal])[:, 0]
+    hall = ~np.isnan(ay[a_cal, 0])
+    t_a = fit_temperature(z_a[hall, 0], ay[a_cal][hall, 0]) if hall.any() else 1.0
+    t_p = fit_temperature(z_p, py[p_cal])
+    p_hall = sigmoid(z_a[hall, 0] / t_a)
+    metrics = {
+        "answer_rows": int(len(ax)), "premise_rows": int(len(px)), "calib_fraction": calib_fraction,
+        "p_hallucination_auroc": safe(auroc(ay[a_cal][hall, 0], p_hall)),
+        "p_hallucination_ece": safe(ece(ay[a_cal][hall, 0], p_hall)) if hall.any() else None,
+        "premise_auroc": safe(auroc(py[p_cal], sigmoid(z_p / t_p))),
+        "premise_ece": safe(ece(py[p_cal], sigmoid(z_p / t_p))),
+        "answer_temperature": round(t_a, 4), "premise_temperature": round(t_p, 4),
+    }
+    scored = ~np.isnan(ay[a_cal, 1])
+    for k, name in enumerate(SCORE_NAMES, start=1):
+        metrics[f"{name}_spearman"] = safe(spearman(1 + 9 * sigmoid(z_a[scored, k]), ay[a_cal][scored, k]))
+    heads = GuardHeads(answer=answer, premise=premise, answer_temperature=t_a, premise_temperature=t_p,
+                       trained=True, info={"calibration": metrics})
+    return heads, metrics

@@ -1,0 +1,95 @@
+"""Metrics for the guard: AUROC, AUPRC, ECE, Spearman, temperature scaling, and text-only baselines.
+
+Thin wrappers over scikit-learn and SciPy that return plain floats, handle the
+degenerate cases (one class only) by returning NaN instead of raising, and
+give the report one vocabulary. The TF-IDF baselines are the bar a guard on
+hidden states has to clear: a head that loses to a bag of words is not done.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def auroc(labels, scores) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else math.nan
+
+
+def auprc(labels, scores) -> float:
+    from sklearn.metrics import average_precision_score
+
+    labels = np.asarray(labels)
+    return float(average_precision_score(labels, scores)) if len(set(labels.tolist())) == 2 else math.nan
+
+
+def spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def reliability(labels, probs, n_bins: int = 10) -> list[dict]:
+    """Equal-width bins: count, mean confidence and observed rate per bin."""
+    labels, probs = np.asarray(labels, float), np.asarray(probs, float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(probs, edges[1:-1]), 0, n_bins - 1)
+    return [
+        {"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int((idx == b).sum()),
+         "confidence": float(probs[idx == b].mean()) if (idx == b).any() else math.nan,
+         "observed": float(labels[idx == b].mean()) if (idx == b).any() else math.nan}
+        for b in range(n_bins)
+    ]
+
+
+def ece(labels, probs, n_bins: int = 10) -> float:
+    """Expected calibration error: bin-weighted |observed rate - mean confidence|."""
+    bins = reliability(labels, probs, n_bins)
+    n = sum(b["count"] for b in bins)
+    return float(sum(b["count"] / n * abs(b["observed"] - b["confidence"]) for b in bins if b["count"]))
+
+
+def fit_temperature(logits, labels) -> float:
+    """The T > 0 that minimizes the NLL of sigmoid(logits / T) on held-out labels."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = np.asarray(logits, float), np.asarray(labels, float)
+
+    def nll(log_t: float) -> float:
+        p = 1 / (1 + np.exp(-z / math.exp(log_t)))
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+
+
+def tfidf_classifier_auroc(train_texts, train_labels, test_texts, test_labels) -> float:
+    """Text-only baseline: TF-IDF (word 1-2 grams) + logistic regression -> AUROC."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+                        LogisticRegression(C=4.0, max_iter=2000))
+    clf.fit(list(train_texts), np.asarray(train_labels))
+    return auroc(test_labels, clf.predict_proba(list(test_texts))[:, 1])
+
+
+def tfidf_regression_spearman(train_texts, train_targets, test_texts, test_targets) -> list[float]:
+    """Text-only baseline: TF-IDF + ridge regression, one Spearman per target column."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    train_targets, test_targets = np.asarray(train_targets, float), np.asarray(test_targets, float)
+    reg = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True), Ridge(alpha=1.0))
+    reg.fit(list(train_texts), train_targets)
+    pred = reg.predict(list(test_texts)).reshape(len(test_targets), -1)
+    return [spearman(pred[:, k], test_targets[:, k]) for k in range(test_targets.shape[1])]
