@@ -23,7 +23,9 @@ from pathlib import Path
 # a missing module is skipped, so a serving-only install simply lacks the command.
 _EXTERNAL = {
     "init-model": ("training.init_model:add_parser", "write a random-init model directory (for tests and plumbing)"),
-    "train": ("training.train_lora:add_parser", "fine-tune the model with LoRA and fit the guard heads"),
+    "train": ("training.train:add_parser", "fine-tune a model (LoRA or full) on MedHallTune-format data and fit its guard heads"),
+    "build-default": ("training.build_default:add_parser", "train the default nano model and its baseline from scratch"),
+    "eval-default": ("training.evaluate:add_parser", "report the default model and baseline on held-out data, through gRPC"),
     "export": ("export.onnx_export:add_parser", "export the model to ONNX graphs plus manifest.json"),
 }
 

@@ -139,68 +139,66 @@ def _medhalltune(root: Path, seed: int) -> dict:
             "pred_heldout": [e for e in pred if e.image in heldout_images]}
 
 
-def _batches(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
 def fit_default_heads(out_root: Path, recipe: DefaultRecipe, log=print) -> dict:
-    """Collect features from the tuned model and fit its heads in place."""
-    from guard.backends.torch_backend import load_model
-    from guard.prompt import Prompter
-    from guard.spec import HEADS_FILE, spec_from_hf_dir
+    """Fit the tuned model's heads on PhantomVQA generations of both models and LLaVA-Med's scored answers."""
     from training.data import load_examples
-    from training.features import TorchModel, generate_batch, teacher_force_batch
-    from training.heads import FeatureRows, fit_heads
-    from training.phantom_judge import judge
-    from training.train import image_pixels
+    from training.heads import collect_features, fit_heads, save_heads
 
-    tuned_dir, data = out_root / "tuned", out_root / "data"
-    spec = spec_from_hf_dir(tuned_dir)
-    prompter = Prompter(tuned_dir / "tokenizer.json", spec)
-    tuned = TorchModel(load_model(tuned_dir), spec)
-    baseline = TorchModel(load_model(out_root / "baseline"), spec)
-    eos = spec.eos_token_ids[0]
-    rows = FeatureRows.empty()
-
-    def encode(examples):
-        prompts = [prompter.encode_prompt(e.question).tolist() for e in examples]
-        pixels = np.stack([image_pixels(e, spec.preprocess) for e in examples])
-        return prompts, pixels
-
-    # p(hallucination): both models answer PhantomVQA training questions; the judge labels each answer.
+    data = out_root / "data"
     phantom = load_examples(data / "phantom" / "train.json", data / "phantom" / "images").examples
     rng = np.random.default_rng(recipe.seed)
     phantom = [phantom[i] for i in rng.permutation(len(phantom))[: recipe.head_questions]]
-    n_hall = 0
-    for batch in _batches(phantom, 64):
-        prompts, pixels = encode(batch)
-        for model in (tuned, baseline):
-            answers = generate_batch(model, prompts, pixels, recipe.max_new_tokens)
-            labels = [judge(prompter.decode(a), _qa(e)).hallucinated for e, a in zip(batch, answers)]
-            n_hall += sum(labels)
-            gens = teacher_force_batch(tuned, prompts, answers, pixels)
-            rows.add(gens, hall=labels, premise=[e.polarity == "negative" for e in batch],
-                     groups=[e.image for e in batch])
-    log(f"[build-default] p(hallucination) rows: {2 * len(phantom)}, hallucinated: {n_hall}")
-
-    # Scores: LLaVA-Med's answers, teacher-forced; premise: MedHallTune question polarity.
-    preds = load_examples(data / "medhalltune" / "pred_train.json", None, allow_missing_images=True).examples
-    for batch in _batches(preds, 32):
-        prompts, pixels = encode(batch)
-        answers = [prompter.encode_answer(e.model_answer or e.answer)[:128] + [eos] for e in batch]
-        gens = teacher_force_batch(tuned, prompts, answers, pixels)
-        rows.add(gens, scores=[e.scores for e in batch], premise=[e.polarity == "negative" for e in batch],
-                 groups=[e.image for e in batch])
-
+    scored = load_examples(data / "medhalltune" / "pred_train.json", None, allow_missing_images=True).examples
+    rows = collect_features(out_root / "tuned", phantom, scored, answer_models=[out_root / "tuned", out_root / "baseline"],
+                            max_new_tokens=recipe.max_new_tokens, log=log)
     heads, metrics = fit_heads(rows)
-    heads.save(tuned_dir / HEADS_FILE)
+    save_heads(heads, out_root / "tuned")
     log(f"[build-default] heads on the calibration fold: {json.dumps(metrics)}")
     return metrics
 
 
-def _qa(example):
-    from training.phantom import QA
+def ensure_default(log=print) -> Path:
+    """The cached default model, built first if it is missing."""
+    root = cache_root() / "default-build"
+    model = default_model_dir()
+    if not (model / "guard_heads.safetensors").is_file():
+        log(f"[build-default] building the default model under {root} (about 10 minutes on 2 cores) ...")
+        build_default(root, log=log)
+        _publish(root / "tuned", model)
+    return model
 
-    return QA(question=example.question, answer=example.answer, polarity=example.polarity,
-              kind=example.meta["kind"], label=example.meta["label"])
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy the servable files of `src` to `dst` atomically (no checkpoints)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build-default",
+        help="train the default nano model and its baseline from scratch (about 10 minutes on 2 cores)",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        epilog="example: medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)",
+    )
+    p.add_argument("--out", type=Path, help="build folder (default: $MEDHALLGUARD_CACHE/default-build)")
+    p.add_argument("--medhalltune-dir", type=Path, default=SHARED_MEDHALLTUNE, help="folder with the MedHallTune JSONL files")
+    p.add_argument("--force", action="store_true", help="rebuild even if the cached default model exists")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    root = args.out or cache_root() / "default-build"
+    if not args.force and args.out is None and (default_model_dir() / "guard_heads.safetensors").is_file():
+        print(f"the default model exists at {default_model_dir()}; pass --force to rebuild")
+        return 0
+    record = build_default(root, medhalltune_dir=args.medhalltune_dir)
+    if args.out is None:
+        _publish(root / "tuned", default_model_dir())
+    print(json.dumps(record["timings_s"]))
+    print(f"built {root / 'tuned'} (baseline: {root / 'baseline'}) in {record['total_s']} s")
+    return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -163,3 +164,57 @@ def fit_heads(rows: FeatureRows, cfg: HeadFitConfig = HeadFitConfig(), calib_fra
     heads = GuardHeads(answer=answer, premise=premise, answer_temperature=t_a, premise_temperature=t_p,
                        trained=True, info={"calibration": metrics})
     return heads, metrics
+
+
+def collect_features(tuned_dir: Path, labelled, scored, answer_models: list[Path], max_new_tokens: int = 48,
+                     batch_size: int = 32, log=print) -> FeatureRows:
+    """Features on `tuned_dir`'s hidden states for the three heads' training rows.
+
+    - labelled: PhantomVQA rows; every model in `answer_models` answers them (greedy), the
+      exact judge labels each answer, and the tuned model teacher-forces it -> p(hallucination).
+    - scored: rows with another model's answer and GPT-4o's scores -> the four scores.
+    - both give prompt features labelled by question polarity -> the premise head.
+    """
+    from guard.backends.torch_backend import load_model
+    from guard.prompt import Prompter
+    from guard.spec import spec_from_hf_dir
+    from training.features import TorchModel, generate_batch, teacher_force_batch
+    from training.phantom_judge import judge, qa_of
+    from training.train import image_pixels
+
+    spec = spec_from_hf_dir(tuned_dir)
+    prompter = Prompter(Path(tuned_dir) / "tokenizer.json", spec)
+    tuned = TorchModel(load_model(tuned_dir), spec)
+    models = [tuned if Path(d) == Path(tuned_dir) else TorchModel(load_model(d), spec) for d in answer_models]
+    eos = spec.eos_token_ids[0]
+    rows = FeatureRows.empty()
+
+    def encode(batch):
+        prompts = [prompter.encode_prompt(e.question).tolist() for e in batch]
+        return prompts, np.stack([image_pixels(e, spec.preprocess) for e in batch])
+
+    n_hall = 0
+    for start in range(0, len(labelled), batch_size):
+        batch = labelled[start : start + batch_size]
+        prompts, pixels = encode(batch)
+        for model in models:
+            answers = generate_batch(model, prompts, pixels, max_new_tokens)
+            labels = [judge(prompter.decode(a), qa_of(e)).hallucinated for e, a in zip(batch, answers)]
+            n_hall += sum(labels)
+            rows.add(teacher_force_batch(tuned, prompts, answers, pixels), hall=labels,
+                     premise=[e.polarity == "negative" for e in batch], groups=[e.image for e in batch])
+    log(f"p(hallucination) rows: {len(labelled) * len(models)}, of which hallucinated: {n_hall}")
+    for start in range(0, len(scored), batch_size):
+        batch = scored[start : start + batch_size]
+        prompts, pixels = encode(batch)
+        answers = [prompter.encode_answer(e.model_answer or e.answer)[:128] + [eos] for e in batch]
+        rows.add(teacher_force_batch(tuned, prompts, answers, pixels), scores=[e.scores for e in batch],
+                 premise=[e.polarity == "negative" for e in batch], groups=[e.image for e in batch])
+    log(f"score rows: {len(scored)}; premise rows: {len(rows.premise_y)}")
+    return rows
+
+
+def save_heads(heads, model_dir: Path) -> None:
+    from guard.spec import HEADS_FILE
+
+    heads.save(Path(model_dir) / HEADS_FILE)

@@ -461,3 +461,9 @@ def judge(answer: str, qa: QA) -> Judgement:
     else:
         why = "answers correctly" if correct else "does not state the asked fact"
     return Judgement(correct, hallucinated, accepted, why)
+
+
+def qa_of(example) -> QA:
+    """The QA behind a PhantomVQA row loaded by `training.data` (kind and label travel in `meta`)."""
+    return QA(question=example.question, answer=example.answer, polarity=example.polarity,
+              kind=example.meta["kind"], label=example.meta["label"])

@@ -68,6 +68,7 @@ class TrainConfig:
     lr: float = 2e-4
     """Peak learning rate (cosine decay after a linear warm-up)."""
     warmup_steps: int = 20
+    """Linear warm-up steps (at most half of `steps`)."""
     weight_decay: float = 0.0
     lora_r: int = 8
     lora_alpha: int = 16
@@ -95,8 +96,8 @@ class TrainConfig:
             raise ValueError("`steps` and `batch_size` must be at least 1")
         if not self.data:
             raise ValueError("`data` is empty: give at least one MedHallTune-format file")
-        if not 0 <= self.warmup_steps < self.steps + 1:
-            raise ValueError("`warmup_steps` must be between 0 and `steps`")
+        if self.warmup_steps < 0:
+            raise ValueError("`warmup_steps` must be >= 0")
 
 
 # --- data -------------------------------------------------------------------
@@ -213,7 +214,7 @@ def train(cfg: TrainConfig) -> Path:
     model = _trainable(load_model(cfg.model), cfg, family)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps // 2), cfg.steps)
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
 
     # 3) Resume where an interrupted run stopped.
@@ -261,6 +262,7 @@ def train(cfg: TrainConfig) -> Path:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "num_processes": acc.num_processes,
+            "distributed": f"{acc.distributed_type.value}:{acc.state.backend}" if acc.num_processes > 1 else "no",
             "trainable_params": sum(p.numel() for p in params),
         })
     acc.wait_for_everyone()
@@ -334,3 +336,105 @@ def library_versions() -> dict:
 def _write_record(out: Path, cfg: TrainConfig, data_record: dict, run: dict) -> None:
     record = {"config": asdict(cfg), "data": data_record, "libraries": library_versions(), "run": run}
     (out / "train_record.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+# --- CLI ----------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model (LoRA or full) on MedHallTune-format data, then fit its guard heads",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        epilog="""examples:
+  medhallguard train --model base/ --out tuned/ --data train.json:3 --data val_negative_qa-filtered.jsonl:1 \\
+      --image-dir images/ --mode lora --steps 500
+  accelerate launch --multi_gpu --num_processes 2 -m training.train --model base/ --out tuned/ --data train.json
+      (data parallel: GPUs with NCCL, or CPU processes with gloo on a machine without GPUs)
+  medhallguard train ... --heads-labelled phantom/train.json --heads-scored llava-med-prediction-*.jsonl
+""",
+    )
+    _add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="input model directory (Hugging Face save_pretrained layout)")
+    p.add_argument("--out", required=True, help="output directory; rerun with the same one to resume")
+    p.add_argument("--data", action="append", required=True, metavar="FILE[:WEIGHT[:IMAGE_DIR]]",
+                   help="a MedHallTune-format file (JSONL or LLaVA JSON), optionally weighted; repeatable")
+    p.add_argument("--image-dir", help="default image folder for --data files that name none")
+    p.add_argument("--allow-missing-images", action="store_true",
+                   help="train rows whose image is missing on a blank image (recorded in train_record.json)")
+    p.add_argument("--mode", choices=("lora", "full"), default="lora", help="default: lora")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step per process (default 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--no-merge", action="store_true", help="LoRA: save the adapter only (not servable as is)")
+    p.add_argument("--positive-only", action="store_true", help="drop negative questions (the baseline recipe)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-id", help="id written to medhallguard.json (default: the output folder's name)")
+    p.add_argument("--heads-labelled", action="append", default=[], metavar="FILE",
+                   help="PhantomVQA-format rows whose generated answers are judged exactly -> p(hallucination)")
+    p.add_argument("--heads-scored", action="append", default=[], metavar="FILE",
+                   help="scored prediction JSONL (another model's answers + GPT-4o scores) -> the four scores")
+    p.add_argument("--heads-contrast-model", action="append", default=[], metavar="DIR",
+                   help="another model whose answers to --heads-labelled also train p(hallucination)")
+
+
+def config_from_args(args) -> TrainConfig:
+    sources = []
+    for spec in args.data:
+        src = DataSource.parse(spec)
+        sources.append(DataSource(src.path, src.weight, src.image_dir or args.image_dir))
+    return TrainConfig(model=args.model, out=args.out, data=tuple(sources), mode=args.mode, steps=args.steps,
+                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lora_r=args.lora_r,
+                       lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
+                       positive_only=args.positive_only, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                       model_id=args.model_id)
+
+
+def _run(args) -> int:
+    cfg = config_from_args(args)
+    out = train(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    if args.heads_labelled or args.heads_scored:
+        if cfg.mode == "lora" and not cfg.merge:
+            raise SystemExit("error: --heads-* needs a servable model; drop --no-merge")
+        _fit_heads(args, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _fit_heads(args, out: Path) -> None:
+    from training.heads import collect_features, fit_heads, save_heads
+
+    labelled = [e for f in args.heads_labelled for e in load_examples(f, args.image_dir or _default_image_dir(Path(f)),
+                                                                     allow_missing_images=args.allow_missing_images).examples]
+    scored = [e for f in args.heads_scored for e in load_examples(f, args.image_dir, allow_missing_images=True).examples
+              if e.scores is not None]
+    rows = collect_features(out, labelled, scored, answer_models=[out, *map(Path, args.heads_contrast_model)])
+    heads, metrics = fit_heads(rows)
+    save_heads(heads, out)
+    print(f"guard heads on the calibration fold: {json.dumps(metrics)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.train ...`: the entry point for `accelerate launch`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
+    _add_arguments(p)
+    return _run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Training mechanics on tiny models: resume, LoRA + merge, head fitting, multi-process launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.runtime import load_guard
+from guard.types import DecodeConfig, VqaRequest
+from training import train as train_mod
+from training.train import DataSource, TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from training.phantom import write_dataset
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_dataset(out, n_images=24, seed=1)
+    return out
+
+
+def _cfg(model, out, phantom, **kw) -> TrainConfig:
+    base = dict(model=str(model), out=str(out), data=(DataSource(str(phantom / "train.json")),), mode="full",
+                steps=6, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=3, show_progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(nano_models, phantom, tmp_path, monkeypatch):
+    model = nano_models["smolvlm"]
+    train(_cfg(model, tmp_path / "straight", phantom))
+
+    real = train_mod._checkpoint
+    calls = []
+
+    def checkpoint_then_interrupt(acc, out, step, keep):
+        real(acc, out, step, keep)
+        calls.append(step)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_checkpoint", checkpoint_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(model, tmp_path / "resumed", phantom))
+    monkeypatch.setattr(train_mod, "_checkpoint", real)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    train(_cfg(model, tmp_path / "resumed", phantom))
+
+    record = json.loads((tmp_path / "resumed" / "train_record.json").read_text())
+    assert record["run"]["steps_this_run"] == 3  # only the steps after the checkpoint ran again
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def test_the_run_record_names_config_data_hashes_and_versions(nano_models, phantom, tmp_path):
+    out = train(_cfg(nano_models["llava"], tmp_path / "rec", phantom, steps=2, checkpoint_every=0))
+    record = json.loads((out / "train_record.json").read_text())
+    assert record["config"]["steps"] == 2
+    (digest,) = record["data"]["sources"][0]["sha256"].values()
+    assert len(digest) == 64
+    assert record["libraries"]["transformers"] and record["libraries"]["torch"]
+    assert record["run"]["peak_rss_mb"] > 0 and record["run"]["step_time_s_median"] > 0
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava"])
+def test_lora_trains_only_adapters_and_merges_into_a_servable_model(nano_models, phantom, tmp_path, family):
+    out = train(_cfg(nano_models[family], tmp_path / "lora", phantom, mode="lora", steps=3, lr=1e-2))
+    record = json.loads((out / "train_record.json").read_text())
+    total = sum(v.size for v in _weights(nano_models[family]).values())
+    assert 0 < record["run"]["trainable_params"] < total / 10
+    assert not any("lora" in k for k in _weights(out))  # merged: plain weights only
+    changed = [k for k, v in _weights(out).items() if not np.array_equal(v, _weights(nano_models[family])[k])]
+    assert changed and all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+    guard = load_guard(out)
+    from tests.conftest import png_bytes
+
+    result = guard.answer(VqaRequest(png_bytes(), "image/png", "Is there a nodule?", DecodeConfig(max_new_tokens=4)))
+    assert result.model_id == "lora" and result.scores is not None
+
+
+def test_lora_without_merge_writes_an_adapter(nano_models, phantom, tmp_path):
+    out = train(_cfg(nano_models["smolvlm"], tmp_path / "adapter", phantom, mode="lora", steps=1, merge=False))
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_head_fitting_pipeline_writes_trained_heads_the_runtime_loads(nano_models, phantom, tmp_path):
+    from training.data import load_examples
+    from training.heads import HeadFitConfig, collect_features, fit_heads, save_heads
+
+    model = tmp_path / "m"
+    shutil.copytree(nano_models["smolvlm"], model)
+    labelled = load_examples(phantom / "train.json", phantom / "images").examples[:24]
+    rows = collect_features(model, labelled, [], answer_models=[model], max_new_tokens=6, batch_size=8, log=lambda *_: None)
+    assert len(rows.answer_x) == len(labelled) and len(rows.premise_y) == len(labelled)
+    # A random-init model's answers are judged; force both classes so the fit has something to separate.
+    rows.answer_y = [[float(i % 2)] + y[1:] for i, y in enumerate(rows.answer_y)]
+    heads, metrics = fit_heads(rows, HeadFitConfig(steps=20))
+    save_heads(heads, model)
+    guard = load_guard(model)
+    assert guard.heads.trained and guard.heads.info["calibration"]["answer_rows"] == len(labelled)
+    assert {"p_hallucination_auroc", "premise_auroc", "risk_level_spearman"} <= metrics.keys()
+
+
+@pytest.mark.timeout(600)
+def test_the_same_command_trains_data_parallel_under_accelerate_launch(nano_models, phantom, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "ddp"
+    # accelerate's `--cpu` launcher needs MPI; its torchrun launcher (`--multi_gpu`) starts the processes,
+    # and on a machine without GPUs the Accelerator joins them over gloo (DistributedType.MULTI_CPU).
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "training.train", "--model", str(nano_models["smolvlm"]), "--out", str(out),
+           "--data", str(phantom / "train.json"), "--mode", "full", "--steps", "2", "--batch-size", "2",
+           "--checkpoint-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "train_record.json").read_text())
+    assert record["run"]["num_processes"] == 2 and record["run"]["distributed"] == "MULTI_CPU:gloo"
+    load_guard(out)  # the result serves

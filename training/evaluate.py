@@ -1,0 +1,216 @@
+"""`medhallguard eval-default`: the default model and its baseline, served through gRPC, on held-out data.
+
+Every number comes from requests to real `medhallguard serve` processes on loopback:
+- PhantomVQA held-out images: accuracy on positive questions, the hallucination
+  rate on negative questions (the share of answers that accept the false
+  premise), and the guard's AUROC for p(hallucination) on held-out generations:
+  the tuned model's own answers (Ask) plus the baseline's answers judged by the
+  tuned guard (Score), labelled exactly by the PhantomVQA judge.
+- MedHallTune held-out images: premise_risk AUROC and the Spearman correlation
+  of each predicted score with GPT-4o's (Score on LLaVA-Med's answers), beside
+  text-only TF-IDF baselines fitted on the training part of the same split.
+Writes `report.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from training.heads import safe
+
+# Evaluation serves answers even when the guard would abstain, so that the
+# model's raw answers can be judged; the verdicts are reported separately.
+_EVAL_POLICY = {"withhold_answer_on_abstain": False}
+
+
+def _image_bytes(example) -> bytes:
+    if example.image_path is not None:
+        return example.image_path.read_bytes()
+    from training.data import blank_image
+
+    buf = io.BytesIO()
+    blank_image(64).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _config_file(tmp: Path, name: str, policy: dict, max_new_tokens: int) -> Path:
+    lines = ["[policy]"] + [f"{k} = {json.dumps(v)}" for k, v in policy.items()]
+    lines += ["[decode]", f"max_new_tokens = {max_new_tokens}", "[server]", "max_queue = 64"]
+    path = tmp / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _call_all(address: str, requests: list, rpc: str, concurrency: int, desc: str) -> list:
+    import grpc
+    from tqdm.auto import tqdm
+
+    from server.pb.medhallguard.v1 import guard_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = guard_pb2_grpc.MedHallGuardStub(channel)
+        call = getattr(stub, rpc)
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(tqdm(pool.map(lambda r: call(r, timeout=120), requests), total=len(requests), desc=desc))
+
+
+def _ask_requests(examples):
+    from server.pb.medhallguard.v1 import guard_pb2 as pb
+
+    return [pb.AskRequest(image=_image_bytes(e), media_type="image/png", question=e.question, request_id=e.id)
+            for e in examples]
+
+
+def _score_requests(examples, answers):
+    from server.pb.medhallguard.v1 import guard_pb2 as pb
+
+    return [pb.ScoreRequest(image=_image_bytes(e), media_type="image/png", question=e.question, answer=a or "(no answer)",
+                            request_id=e.id) for e, a in zip(examples, answers)]
+
+
+def phantom_rates(examples, answers) -> dict:
+    """Accuracy on positive questions and false-premise acceptance on negative ones, by the exact judge."""
+    from training.phantom_judge import judge, qa_of
+
+    js = [judge(a, qa_of(e)) for e, a in zip(examples, answers)]
+    pos = [j for j, e in zip(js, examples) if e.polarity == "positive"]
+    neg = [j for j, e in zip(js, examples) if e.polarity == "negative"]
+    return {
+        "positive_questions": len(pos), "negative_questions": len(neg),
+        "positive_accuracy": safe(np.mean([j.correct for j in pos])) if pos else None,
+        "negative_hallucination_rate": safe(np.mean([j.accepted_false_premise for j in neg])) if neg else None,
+        "hallucinated_any": safe(np.mean([j.hallucinated for j in js])),
+        "hallucinated": [j.hallucinated for j in js],
+    }
+
+
+def _verdicts(responses) -> dict:
+    from server.pb.medhallguard.v1 import guard_pb2 as pb
+
+    names = [pb.Verdict.Name(r.verdict) for r in responses]
+    return {n: names.count(n) for n in sorted(set(names))}
+
+
+def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, concurrency: int = 2, seed: int = 0,
+                     log=print) -> dict:
+    from server.launch import served
+    from training.data import load_examples
+    from training.metrics import auroc, ece, spearman, tfidf_classifier_auroc, tfidf_regression_spearman
+
+    data = root / "data"
+    heldout = load_examples(data / "phantom" / "heldout.json", data / "phantom" / "images").examples
+    heldout = [heldout[i] for i in np.random.default_rng(seed).permutation(len(heldout))[:phantom_questions]]
+    mht_train = load_examples(data / "medhalltune" / "train.json", None, allow_missing_images=True).examples
+    mht_held = load_examples(data / "medhalltune" / "pred_heldout.json", None, allow_missing_images=True).examples
+    report: dict = {"phantom": {}, "medhalltune": {}}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Baseline: random-init heads, so its answers are served only with the allowance.
+        base_cfg = _config_file(tmp, "baseline", {**_EVAL_POLICY, "allow_untrained_heads": True}, 48)
+        with served(root / "baseline", base_cfg, log=log) as address:
+            base = _call_all(address, _ask_requests(heldout), "Ask", concurrency, "baseline: Ask")
+        tuned_cfg = _config_file(tmp, "tuned", _EVAL_POLICY, 48)
+        with served(root / "tuned", tuned_cfg, log=log) as address:
+            tuned = _call_all(address, _ask_requests(heldout), "Ask", concurrency, "tuned: Ask")
+            judged_base = _call_all(address, _score_requests(heldout, [r.answer for r in base]), "Score",
+                                    concurrency, "tuned guard on baseline answers: Score")
+            mht = _call_all(address, _score_requests(mht_held, [e.model_answer for e in mht_held]), "Score",
+                            concurrency, "MedHallTune held-out: Score")
+
+    # PhantomVQA: answer quality of both models, and the tuned guard on held-out generations.
+    t_rates, b_rates = phantom_rates(heldout, [r.answer for r in tuned]), phantom_rates(heldout, [r.answer for r in base])
+    labels = t_rates.pop("hallucinated") + b_rates.pop("hallucinated")
+    p_hall = [r.p_hallucination for r in tuned] + [r.p_hallucination for r in judged_base]
+    report["phantom"] = {
+        "heldout_questions": len(heldout),
+        "tuned": {**t_rates, "verdicts": _verdicts(tuned)},
+        "baseline": b_rates,
+        "guard_auroc_tuned_and_baseline_generations": safe(auroc(labels, p_hall)),
+        "guard_auroc_tuned_generations": safe(auroc(labels[: len(tuned)], p_hall[: len(tuned)])),
+        "guard_ece": safe(ece(labels, p_hall)),
+        "hallucinated_generations": int(sum(labels)),
+    }
+
+    # MedHallTune held-out: the guard against text-only baselines on the same split.
+    negative = [e.polarity == "negative" for e in mht_held]
+    gpt = np.array([e.scores for e in mht_held], float)
+    pred = np.array([[r.scores.clinical_accuracy, r.scores.clinical_relevance, r.scores.detail_level,
+                      r.scores.risk_level] for r in mht], float)
+    train_pred = load_examples(data / "medhalltune" / "pred_train.json", None, allow_missing_images=True).examples
+    names = ("clinical_accuracy", "clinical_relevance", "detail_level", "risk_level")
+    tfidf_sp = tfidf_regression_spearman([f"{e.question} {e.model_answer}" for e in train_pred],
+                                         [e.scores for e in train_pred],
+                                         [f"{e.question} {e.model_answer}" for e in mht_held], gpt)
+    report["medhalltune"] = {
+        "heldout_questions": len(mht_held),
+        "premise_auroc_guard": safe(auroc(negative, [r.premise_risk for r in mht])),
+        "premise_auroc_tfidf_logreg": safe(tfidf_classifier_auroc(
+            [e.question for e in mht_train], [e.polarity == "negative" for e in mht_train],
+            [e.question for e in mht_held], negative)),
+        "spearman_guard": {n: safe(spearman(pred[:, k], gpt[:, k])) for k, n in enumerate(names)},
+        "spearman_tfidf_ridge": {n: safe(v) for n, v in zip(names, tfidf_sp)},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(r: dict) -> str:
+    p, m = r["phantom"], r["medhalltune"]
+    t, b = p["tuned"], p["baseline"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [
+        "| PhantomVQA held-out | tuned | baseline (no negative questions) |",
+        "|---|---|---|",
+        f"| accuracy on positive questions | {fmt(t['positive_accuracy'])} | {fmt(b['positive_accuracy'])} |",
+        f"| hallucination rate on negative questions | {fmt(t['negative_hallucination_rate'])} | {fmt(b['negative_hallucination_rate'])} |",
+        f"| questions (positive / negative) | {t['positive_questions']} / {t['negative_questions']} | same |",
+        "",
+        "| guard, PhantomVQA held-out generations | value |",
+        "|---|---|",
+        f"| p(hallucination) AUROC, tuned + baseline answers ({p['hallucinated_generations']} hallucinated) | {fmt(p['guard_auroc_tuned_and_baseline_generations'])} |",
+        f"| p(hallucination) AUROC, tuned answers only | {fmt(p['guard_auroc_tuned_generations'])} |",
+        f"| p(hallucination) ECE | {fmt(p['guard_ece'])} |",
+        f"| tuned verdicts | {', '.join(f'{k}: {v}' for k, v in t['verdicts'].items())} |",
+        "",
+        f"| MedHallTune held-out ({m['heldout_questions']} questions) | guard (hidden states) | text-only baseline |",
+        "|---|---|---|",
+        f"| premise_risk AUROC (TF-IDF + logistic regression) | {fmt(m['premise_auroc_guard'])} | {fmt(m['premise_auroc_tfidf_logreg'])} |",
+    ]
+    for name, v in m["spearman_guard"].items():
+        rows.append(f"| {name} Spearman vs GPT-4o (TF-IDF + ridge) | {fmt(v)} | {fmt(m['spearman_tfidf_ridge'][name])} |")
+    return "\n".join(rows) + "\n"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-default",
+        help="report the default model and its baseline on held-out data, served through gRPC",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--root", type=Path, help="build folder of build-default (default: $MEDHALLGUARD_CACHE/default-build)")
+    p.add_argument("--out", type=Path, default=Path("reports/default"), help="where report.json/.md go (default reports/default)")
+    p.add_argument("--phantom-questions", type=int, default=600, help="held-out PhantomVQA questions to ask (default 600)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from training.build_default import cache_root, ensure_default
+
+    root = args.root or cache_root() / "default-build"
+    if args.root is None:
+        ensure_default()
+    report = evaluate_default(root, args.out, args.phantom_questions, args.concurrency)
+    print(render_markdown(report))
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
+    return 0
