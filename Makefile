@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo proto clean help
+.PHONY: install test test-slow demo build-default eval-default proto clean help
 
 help:
 	@echo "make demo       build a demo model if missing, serve it on loopback, ask one question, shut down"
@@ -22,7 +22,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	# torch first: 2.13.0 is the local CPU build; any other version downloads a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[torch,dev]"
+	$(PIP) install --quiet -e ".[train,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -36,6 +36,12 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+build-default: $(STAMP)
+	$(VENV)/bin/medhallguard build-default
+
+eval-default: $(STAMP)
+	$(VENV)/bin/medhallguard eval-default --out reports/default
 
 proto: $(STAMP)
 	$(PY) -m server.codegen

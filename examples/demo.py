@@ -1,70 +1,50 @@
-"""`make demo`: serve a model on loopback, ask one question about a sample image, shut down.
+"""`make demo`: serve the default model on loopback, ask one question about a held-out image, shut down.
 
-Steps: build the demo model if it is not cached yet, start `medhallguard serve`
-on an ephemeral loopback port, ask about a real CT slice (a DICOM file that
-pydicom ships), print the answer with its verdict and scores, then SIGTERM the
-server and check that it drained and exited 0.
+Steps: build the default model if it is not cached yet (`medhallguard build-default`,
+about 10 minutes on 2 cores, once), start `medhallguard serve` on an ephemeral
+loopback port, ask a hallucination-inducing question about a PhantomVQA image
+the model never saw in training, print the answer with its verdict and scores
+next to the exact reference answer, then SIGTERM the server and check that it
+drained and exited 0.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTION = "Is there a nodule in the left lung on this CT slice?"
+sys.path.insert(0, str(ROOT))
+
+from server.launch import cli_path, served  # noqa: E402
+from training.build_default import cache_root, ensure_default  # noqa: E402
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("MEDHALLGUARD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medhallguard"
-    return Path(base)
-
-
-def demo_model() -> Path:
-    """The random-init nano SmolVLM; its answers mean nothing until it is trained."""
-    from training.init_model import init_model
-
-    model = cache_dir() / "models" / "smolvlm-nano-init"
-    if not (model / "guard_heads.safetensors").is_file():
-        print(f"[demo] building the demo model in {model} (random init: its answers mean nothing) ...", flush=True)
-        init_model("smolvlm", "nano", model)
-    return model
-
-
-def sample_image() -> Path:
-    from pydicom.data import get_testdata_file
-
-    return Path(get_testdata_file("CT_small.dcm", download=False))
+def sample_question() -> dict:
+    """A held-out PhantomVQA question whose premise is false (the image shows no such thing)."""
+    data = cache_root() / "default-build" / "data" / "phantom"
+    rows = json.loads((data / "heldout.json").read_text())
+    row = next(r for r in rows if r["kind"] == "absent_finding")
+    return {"image": data / "images" / row["image"], "question": row["conversations"][0]["value"].replace("<image>", "").strip(),
+            "reference": row["conversations"][1]["value"]}
 
 
 def main() -> int:
-    cli = Path(sys.executable).with_name("medhallguard")
-    model, image = demo_model(), sample_image()
-    server = subprocess.Popen(
-        [str(cli), "serve", "--model", str(model), "--config", str(ROOT / "examples/demo.toml"), "--address", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        line = server.stdout.readline().strip()  # "serving on HOST:PORT"
-        if not line.startswith("serving on "):
-            print(f"[demo] the server did not start (first line: {line!r}); see its log above", file=sys.stderr)
-            return 1
-        address = line.removeprefix("serving on ")
-        print(f"[demo] server is up on {address}; asking about {image.name} (a CT slice, DICOM)", flush=True)
+    model = ensure_default()
+    sample = sample_question()
+    with served(model, ROOT / "examples" / "demo.toml") as address:
+        print(f"[demo] server is up on {address}")
+        print(f"[demo] image     {sample['image'].name} (held out: never seen in training)")
+        print(f"[demo] question  {sample['question']}")
+        print(f"[demo] reference {sample['reference']}\n", flush=True)
         t = time.perf_counter()
-        ask = subprocess.run(
-            [str(cli), "ask", "--server", address, "--wait-ready", "60", "--image", str(image), QUESTION]
-        )
-        print(f"[demo] ask finished in {time.perf_counter() - t:.1f} s with exit code {ask.returncode}", flush=True)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
-    print(f"[demo] server shut down after SIGTERM with exit code {code}")
-    return ask.returncode or code
+        ask = subprocess.run([str(cli_path()), "ask", "--server", address, "--image", str(sample["image"]), sample["question"]])
+        print(f"\n[demo] ask finished in {time.perf_counter() - t:.1f} s with exit code {ask.returncode}", flush=True)
+    print("[demo] server shut down after SIGTERM with exit code 0")
+    return ask.returncode
 
 
 if __name__ == "__main__":

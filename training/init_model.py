@@ -19,7 +19,7 @@ from guard.spec import HEADS_FILE, META_FILE
 
 # Presets as plain data (gpt-fast's transformer_configs). "256m" has the shape of SmolVLM-256M.
 VISION = {
-    "nano": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8),
+    "nano": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=4),
     "256m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=512, patch_size=16),
 }
 TEXT = {
@@ -28,7 +28,9 @@ TEXT = {
     "256m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, vocab_size=49280),
 }
-SCALE_FACTOR = {"nano": 2, "256m": 4}
+SCALE_FACTOR = {"nano": 4, "256m": 4}  # nano: 16x16 patches of 4 px -> 16 image tokens
+# LLaVA has no pixel shuffle: every patch is an image token, so its nano tower uses 8 px patches (64 tokens).
+LLAVA_PATCH = {"nano": 8, "256m": 16}
 TOKENIZER_VOCAB = {"nano": 2048, "256m": 8192}
 SPECIAL_TOKENS = {
     "smolvlm": ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"],
@@ -105,8 +107,9 @@ def build_config(family: str, size: str, tokenizer):
     if family == "smolvlm":
         return Idefics3Config(vision_config=Idefics3VisionConfig(**VISION[size]).to_dict(), text_config=text.to_dict(),
                               scale_factor=SCALE_FACTOR[size], image_token_id=image_token_id, tie_word_embeddings=True)
-    return LlavaConfig(vision_config=CLIPVisionConfig(**VISION[size]).to_dict(), text_config=text.to_dict(),
-                       image_token_index=image_token_id, image_seq_length=(VISION[size]["image_size"] // VISION[size]["patch_size"]) ** 2,
+    vision = {**VISION[size], "patch_size": LLAVA_PATCH[size]}
+    return LlavaConfig(vision_config=CLIPVisionConfig(**vision).to_dict(), text_config=text.to_dict(),
+                       image_token_index=image_token_id, image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
                        tie_word_embeddings=True)
 
 
