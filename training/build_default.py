@@ -46,6 +46,9 @@ class DefaultRecipe:
     head_questions: int = 1600
     """PhantomVQA training questions answered by both models to fit p(hallucination)."""
     max_new_tokens: int = 48
+    max_answer_tokens: int = 40
+    """Reference answers are cut to this many tokens for training: MedHallTune's run to 150+,
+    and one long row pads its whole batch (the first sentence carries the premise correction)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +112,7 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
                           steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
                           warmup_steps=min(50, recipe.steps // 10), allow_missing_images=True,
                           positive_only=positive_only, checkpoint_every=0, seed=recipe.seed,
+                          max_answer_tokens=recipe.max_answer_tokens,
                           model_id=f"medhallguard-smolvlm-nano-{name}"))
         lap(f"train_{name}")
 

@@ -502,6 +502,7 @@ def write_llava_json(examples: Iterable[VqaExample], path: str | Path) -> Path:
     `model_answer`, `caption` and the `meta` keys at its top level.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     items = [_llava_item(ex) for ex in examples]
     path.write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
