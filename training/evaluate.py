@@ -87,6 +87,7 @@ def phantom_rates(examples, answers) -> dict:
         "negative_hallucination_rate": safe(np.mean([j.accepted_false_premise for j in neg])) if neg else None,
         "hallucinated_any": safe(np.mean([j.hallucinated for j in js])),
         "hallucinated": [j.hallucinated for j in js],
+        "accepted": [j.accepted_false_premise for j in js],
     }
 
 
@@ -128,9 +129,15 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
     t_rates, b_rates = phantom_rates(heldout, [r.answer for r in tuned]), phantom_rates(heldout, [r.answer for r in base])
     labels = t_rates.pop("hallucinated") + b_rates.pop("hallucinated")
     p_hall = [r.p_hallucination for r in tuned] + [r.p_hallucination for r in judged_base]
+    from server.pb.medhallguard.v1 import guard_pb2 as pb
+
+    shown_false_premise = [h and r.verdict != pb.VERDICT_ABSTAIN  # an abstention withholds the answer
+                           for h, r, e in zip(t_rates.pop("accepted"), tuned, heldout) if e.polarity == "negative"]
+    b_rates.pop("accepted")
     report["phantom"] = {
         "heldout_questions": len(heldout),
-        "tuned": {**t_rates, "verdicts": _verdicts(tuned)},
+        "tuned": {**t_rates, "verdicts": _verdicts(tuned),
+                  "negative_hallucination_rate_after_guard": safe(np.mean(shown_false_premise))},
         "baseline": b_rates,
         "guard_auroc_tuned_and_baseline_generations": safe(auroc(labels, p_hall)),
         "guard_auroc_tuned_generations": safe(auroc(labels[: len(tuned)], p_hall[: len(tuned)])),
@@ -172,6 +179,7 @@ def render_markdown(r: dict) -> str:
         "|---|---|---|",
         f"| accuracy on positive questions | {fmt(t['positive_accuracy'])} | {fmt(b['positive_accuracy'])} |",
         f"| hallucination rate on negative questions | {fmt(t['negative_hallucination_rate'])} | {fmt(b['negative_hallucination_rate'])} |",
+        f"| the same, counting only answers the guard lets through (ABSTAIN withholds) | {fmt(t['negative_hallucination_rate_after_guard'])} | |",
         f"| questions (positive / negative) | {t['positive_questions']} / {t['negative_questions']} | same |",
         "",
         "| guard, PhantomVQA held-out generations | value |",
@@ -183,10 +191,10 @@ def render_markdown(r: dict) -> str:
         "",
         f"| MedHallTune held-out ({m['heldout_questions']} questions) | guard (hidden states) | text-only baseline |",
         "|---|---|---|",
-        f"| premise_risk AUROC (TF-IDF + logistic regression) | {fmt(m['premise_auroc_guard'])} | {fmt(m['premise_auroc_tfidf_logreg'])} |",
+        f"| premise_risk AUROC (baseline: TF-IDF + logistic regression) | {fmt(m['premise_auroc_guard'])} | {fmt(m['premise_auroc_tfidf_logreg'])} |",
     ]
     for name, v in m["spearman_guard"].items():
-        rows.append(f"| {name} Spearman vs GPT-4o (TF-IDF + ridge) | {fmt(v)} | {fmt(m['spearman_tfidf_ridge'][name])} |")
+        rows.append(f"| {name} Spearman vs GPT-4o (baseline: TF-IDF + ridge) | {fmt(v)} | {fmt(m['spearman_tfidf_ridge'][name])} |")
     return "\n".join(rows) + "\n"
 
 
