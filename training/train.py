@@ -410,7 +410,9 @@ def _run(args) -> int:
         if cfg.mode == "lora" and not cfg.merge:
             raise SystemExit("error: --heads-* needs a servable model; drop --no-merge")
         _fit_heads(args, out)
-    print(f"wrote {out}")
+    run = json.loads((out / "train_record.json").read_text())["run"]
+    print(f"wrote {out}: {run['steps_this_run']} steps, median step {run['step_time_s_median']:.2f} s, "
+          f"peak RSS {run['peak_rss_mb']:.0f} MB, {run['trainable_params']:,} trainable parameters")
     return 0
 
 
