@@ -19,6 +19,7 @@ from guard import decode
 from guard.backends import Backend, load_backend
 from guard.errors import InvalidRequestError, ModelLoadError
 from guard.head import UNCERTAINTY_FEATURES, GuardHeads
+from guard.manifest import MANIFEST_FILE, is_bundle
 from guard.policy import PolicyConfig, decide
 from guard.preprocess import ImageLimits, preprocess
 from guard.prompt import Prompter
@@ -37,18 +38,24 @@ from guard.types import (
 log = logging.getLogger(__name__)
 
 
+BACKEND_KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
 @dataclass(frozen=True)
 class BackendConfig:
-    kind: str = "torch"
-    """Which backend runs the model: `torch` (a Hugging Face directory)."""
+    kind: str = "auto"
+    """Which backend runs the model: `auto` (torch for a model directory, onnxruntime for an
+    export bundle), `torch`, `onnxruntime` or `tensorrt` (the last two serve bundles)."""
     device: str = "cpu"
-    """Torch device, e.g. `cpu` or `cuda:0`."""
+    """torch: `cpu` or `cuda:0`; onnxruntime: `cpu`, `cuda[:N]` or `tensorrt[:N]` (used only when active)."""
     dtype: str = "float32"
-    """Weight dtype for the torch backend: float32, bfloat16 or float16."""
+    """Weight dtype for the torch backend: float32, bfloat16 or float16 (a bundle has its own precision)."""
     threads: int = 0
     """Intra-op threads; 0 keeps the library default."""
 
     def __post_init__(self) -> None:
+        if self.kind not in BACKEND_KINDS:
+            raise ValueError(f"`backend.kind` must be one of {BACKEND_KINDS}, got {self.kind!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"`backend.dtype` must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.threads < 0:
@@ -163,6 +170,7 @@ class Guard:
             image_size=self.spec.preprocess.image_size,
             num_image_tokens=self.spec.num_image_tokens,
             heads_trained=self.heads.trained,
+            verified=getattr(self.backend, "verified", True),
             thresholds={
                 "warn_p_hallucination": p.warn_p_hallucination,
                 "abstain_p_hallucination": p.abstain_p_hallucination,
@@ -216,20 +224,40 @@ def _ms_since(t: float) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def load_guard(path: str | Path, config: GuardConfig = GuardConfig()) -> Guard:
-    """Load a model directory (with its guard heads) into a ready Guard."""
+def load_guard(path: str | Path, config: GuardConfig = GuardConfig(), bundle: bool = False) -> Guard:
+    """Load a model directory (torch) or an export bundle (onnxruntime, tensorrt) into a ready Guard.
+
+    With `bundle=True` the path must be a bundle: a directory without manifest.json
+    is then reported as a half-written bundle, not as a bad model directory.
+    """
     path = Path(path)
+    b = config.backend
+    kind = _backend_kind(path, b.kind, bundle or is_bundle(path))
     heads_path = path / HEADS_FILE
-    if not heads_path.is_file():
+    if kind == "torch" and not heads_path.is_file():  # a bundle's files are checked by its manifest
         raise ModelLoadError(
             f"{heads_path} is missing: a model is served only with its guard heads; "
             "train them with `medhallguard train` (or `medhallguard init-model` for random ones)"
         )
-    b = config.backend
-    backend = load_backend(b.kind, path, device=b.device, dtype=b.dtype, threads=b.threads or None)
+    backend = load_backend(kind, path, device=b.device, dtype=b.dtype, threads=b.threads or None)
     heads = GuardHeads.load(heads_path)
     if heads.answer.w1.shape[0] != 2 * backend.spec.hidden_size + len(UNCERTAINTY_FEATURES):
         raise ModelLoadError(f"{heads_path} was trained for another model (hidden size mismatch); retrain the heads")
     if not heads.trained:
         log.warning("guard heads at %s are untrained (random init): their scores mean nothing", heads_path)
+    if not getattr(backend, "verified", True):
+        log.warning("bundle %s is UNVERIFIED: it was exported with --force, so no parity gate has shown that it "
+                    "answers like the model it came from", path)
     return Guard(backend, Prompter(path / "tokenizer.json", backend.spec), heads, config)
+
+
+def _backend_kind(path: Path, kind: str, bundle: bool) -> str:
+    """The backend for `path`; a model directory and a bundle each refuse the other's backends."""
+    if kind == "auto":
+        return "onnxruntime" if bundle else "torch"
+    if bundle and kind == "torch":
+        raise ModelLoadError(f"{path} is an export bundle: serve it with backend kind auto, onnxruntime or tensorrt")
+    if not bundle and kind in ("onnxruntime", "tensorrt"):
+        raise ModelLoadError(f"{path} is not an export bundle (no {MANIFEST_FILE}): export it first with "
+                             f"`medhallguard export {path} OUT_DIR`, or serve it with backend kind torch")
+    return kind

@@ -112,18 +112,23 @@ def _add_serve(sub) -> None:
         ),
         epilog=(
             "environment variables:\n"
-            "  MEDHALLGUARD_MODEL      model directory (--model)\n"
+            "  MEDHALLGUARD_MODEL      model directory or export bundle (--model)\n"
             "  MEDHALLGUARD_CONFIG     TOML config file (--config)\n"
             "  MEDHALLGUARD_ADDRESS    HOST:PORT to listen on (--address)\n"
             "  MEDHALLGUARD_LOG_LEVEL  DEBUG, INFO, WARNING or ERROR (--log-level)\n\n"
             "examples:\n"
             "  medhallguard serve --model runs/smolvlm --config examples/demo.toml\n"
             "  medhallguard serve --model runs/smolvlm --address 127.0.0.1:0   # prints the port it got\n"
+            "  medhallguard serve --bundle bundles/smolvlm-int8   # onnxruntime, no torch needed\n"
             "  medhallguard serve --model runs/smolvlm --port 0 --max-concurrency 4 --max-queue 16"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", metavar="DIR", help="model directory with its guard heads (default: $MEDHALLGUARD_MODEL)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR",
+                        help="model directory with its guard heads, or an export bundle (default: $MEDHALLGUARD_MODEL)")
+    source.add_argument("--bundle", metavar="DIR",
+                        help="export bundle from `medhallguard export`, served by onnxruntime (no torch needed)")
     p.add_argument("--config", metavar="FILE.toml",
                    help="deployment config: [server], [backend], [decode], [policy], [limits]")
     p.add_argument("--address", metavar="HOST:PORT",
@@ -151,7 +156,8 @@ def _cmd_serve(args) -> int:
                      "max_question_chars", "grace_s")
     }
     try:
-        return server_main.serve(args.model, args.config, overrides, port=args.port, log_level=args.log_level)
+        return server_main.serve(args.model, args.config, overrides, port=args.port, log_level=args.log_level,
+                                 bundle=args.bundle)
     except (ValueError, OSError) as e:  # bad config, unreadable file, port in use
         raise _Failure("INVALID_ARGUMENT" if isinstance(e, ValueError) else "UNAVAILABLE", str(e)) from None
     except Exception as e:
@@ -169,8 +175,9 @@ def _add_target(p, what: str) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--server", metavar="HOST:PORT", help=f"{what} a running server over gRPC")
     target.add_argument("--model", metavar="DIR", help=f"{what} in-process: load the model here, no server")
+    target.add_argument("--bundle", metavar="DIR", help=f"{what} in-process with an export bundle (onnxruntime)")
     p.add_argument("--config", metavar="FILE.toml",
-                   help="with --model: deployment config ([backend], [decode], [policy], [limits])")
+                   help="with --model/--bundle: deployment config ([backend], [decode], [policy], [limits])")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="deadline in seconds (default: the server's default_deadline_s)")
     p.add_argument("--wait-ready", type=float, default=0.0, metavar="S",
@@ -354,14 +361,14 @@ def _wait_ready(channel, server: str, timeout_s: float) -> None:
 
 def _call_local(args, rpc: str, request, on_delta):
     from guard.errors import GuardError
-    from guard.runtime import GuardConfig, load_guard  # heavy: torch and friends
+    from guard.runtime import GuardConfig, load_guard  # load_guard imports the backend it needs
     from guard.types import StopSignal
     from server import service
     from server.config import split_config
 
     try:
         server_config, guard_tables = split_config(args.config)
-        guard = load_guard(args.model, GuardConfig.from_dict(guard_tables))
+        guard = load_guard(args.bundle or args.model, GuardConfig.from_dict(guard_tables), bundle=bool(args.bundle))
         if rpc == "GetModelInfo":
             return service.model_info_to_pb(guard.info(), guard.config, server_config)
         t0 = time.perf_counter()

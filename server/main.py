@@ -107,9 +107,12 @@ def serve(
     port: int | None = None,
     log_level: str | None = None,
     on_bound=lambda line: print(line, flush=True),
+    bundle: str | None = None,
 ) -> int:
     """Load the guard, serve until SIGTERM/SIGINT, drain; returns the exit code.
 
+    `model` is a model directory or an export bundle (detected by its manifest);
+    `bundle` names a path that must be a bundle (served by onnxruntime, no torch).
     `overrides` are ServerConfig fields from CLI flags (None values are ignored);
     precedence is flag > MEDHALLGUARD_* environment variable > TOML file > default.
     `port`, when given, replaces the port of the resulting address.
@@ -118,16 +121,17 @@ def serve(
         level=(log_level or os.environ.get("MEDHALLGUARD_LOG_LEVEL") or "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    model = model or os.environ.get("MEDHALLGUARD_MODEL")
+    model = bundle or model or os.environ.get("MEDHALLGUARD_MODEL")
     if not model:
-        raise ValueError("no model: pass --model DIR or set MEDHALLGUARD_MODEL")
+        raise ValueError("no model: pass --model DIR or --bundle DIR, or set MEDHALLGUARD_MODEL")
     server_config, guard_tables = resolve_config(config_path, overrides, port)
 
-    from guard.runtime import GuardConfig, load_guard  # heavy: torch and friends
+    from guard.runtime import GuardConfig, load_guard  # load_guard imports the backend it needs
 
     guard_config = GuardConfig.from_dict(guard_tables)
     log.info("loading %s", model)
-    guard = load_guard(model, guard_config)
+    guard = load_guard(model, guard_config, bundle=bundle is not None)
+    log.info("serving %s with backend %s", guard.spec.model_id, guard.backend.name)
     return asyncio.run(_serve(guard, server_config, on_bound))
 
 

@@ -51,7 +51,11 @@ class Backend(Protocol):
         ...
 
 
-_BACKENDS = {"torch": "guard.backends.torch_backend"}
+_BACKENDS = {
+    "torch": "guard.backends.torch_backend",  # a Hugging Face model directory
+    "onnxruntime": "guard.backends.ort_backend",  # an export bundle (manifest.json)
+    "tensorrt": "guard.backends.trt_backend",  # an export bundle with TensorRT engines
+}
 
 
 def load_backend(name: str, path: str | Path, **options: Any) -> Backend:
