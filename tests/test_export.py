@@ -355,7 +355,7 @@ def _default_model() -> Path:
 
     model = default_model_dir()
     if not (model / HEADS_FILE).is_file():
-        pytest.skip(f"the default model is not built at {model}; run `make build-default` (about 10 minutes)")
+        pytest.skip(f"the default model is not built at {model}; run `make build-default` (about 15 minutes)")
     return model
 
 

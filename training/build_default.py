@@ -166,7 +166,7 @@ def ensure_default(log=print) -> Path:
     root = cache_root() / "default-build"
     model = default_model_dir()
     if not (model / "guard_heads.safetensors").is_file():
-        log(f"[build-default] building the default model under {root} (about 10 minutes on 2 cores) ...")
+        log(f"[build-default] building the default model under {root} (about 15 minutes on 2 cores) ...")
         build_default(root, log=log)
         _publish(root / "tuned", model)
     return model
@@ -184,7 +184,7 @@ def _publish(src: Path, dst: Path) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build-default",
-        help="train the default nano model and its baseline from scratch (about 10 minutes on 2 cores)",
+        help="train the default nano model and its baseline from scratch (about 15 minutes on 2 cores)",
         description=__doc__,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
         epilog="example: medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)",
