@@ -15,12 +15,24 @@ import struct
 import warnings
 from dataclasses import asdict, dataclass
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
 
 from guard.errors import InvalidImageError, ModelLoadError
 
 MEDIA_TYPES = ("image/png", "image/jpeg", "application/dicom")
+SUFFIX_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
+
+
+def media_type_for(path) -> str:
+    """The media type a file name implies (.png, .jpg/.jpeg, .dcm)."""
+    media_type = SUFFIX_MEDIA_TYPES.get(Path(path).suffix.lower())
+    if media_type is None:
+        raise InvalidImageError(f"{path}: cannot tell the media type from the suffix; use .png, .jpg or .dcm "
+                                f"(or name the media type explicitly)")
+    return media_type
 _PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}
 _HF_FILE = "preprocessor_config.json"
 # image_processor_type, minus a "Fast"/"Pil" suffix -> (crop, the class's default PIL resample code).

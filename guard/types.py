@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from guard.errors import CancelledError, DeadlineExceededError
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,6 @@ class StopSignal:
         self.cancelled = cancelled
 
     def check(self) -> None:
-        import time
-
-        from guard.errors import CancelledError, DeadlineExceededError
-
         if self.cancelled is not None and self.cancelled.is_set():
             raise CancelledError("the request was cancelled by the client; decoding stopped")
         if self.deadline is not None and time.monotonic() > self.deadline:

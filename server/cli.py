@@ -29,7 +29,6 @@ _EXTERNAL = {
     "export": ("export.onnx_export:add_parser", "export the model to ONNX graphs plus manifest.json"),
 }
 
-_SUFFIX_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
 _EXIT_CODES = {"INVALID_ARGUMENT": 2, "UNAVAILABLE": 3}  # any other failure exits 1
 _SERVICE = "medhallguard.v1.MedHallGuard"
 _CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -285,7 +284,9 @@ def _cmd_info(args) -> int:
 
 
 def _image_fields(args) -> dict:
-    media_type = args.media_type or _SUFFIX_MEDIA_TYPES.get(args.image.suffix.lower())
+    from guard.preprocess import SUFFIX_MEDIA_TYPES
+
+    media_type = args.media_type or SUFFIX_MEDIA_TYPES.get(args.image.suffix.lower())
     if media_type is None:
         raise _Failure(
             "INVALID_ARGUMENT", f"cannot tell the media type of {args.image} from its suffix; pass --media-type"

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_MEDHALLTUNE = Path(__file__).resolve().parents[2] / "shared" / "data" / "medhalltune"
+from training.data import DEFAULT_MEDHALLTUNE_DIR
+
 VAL_FILES = ("val_positive_qa-filtered.jsonl", "val_negative_qa-filtered.jsonl")
 PRED_FILES = ("llava-med-prediction-postive-GPT4o-eval-filtered.jsonl",
               "llava-med-prediction-negative-GPT4o-eval-filtered.jsonl")
@@ -65,7 +66,7 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / "default"
 
 
-def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medhalltune_dir: Path = SHARED_MEDHALLTUNE,
+def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medhalltune_dir: Path = DEFAULT_MEDHALLTUNE_DIR,
                   log=print) -> dict:
     """Build `out_root/{tuned,baseline,data}`; -> the build record (also written as build_record.json)."""
     from training.data import load_examples, split_by_image, write_llava_json
@@ -190,7 +191,7 @@ def add_parser(subparsers) -> None:
         epilog="example: medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)",
     )
     p.add_argument("--out", type=Path, help="build folder (default: $MEDHALLGUARD_CACHE/default-build)")
-    p.add_argument("--medhalltune-dir", type=Path, default=SHARED_MEDHALLTUNE, help="folder with the MedHallTune JSONL files")
+    p.add_argument("--medhalltune-dir", type=Path, default=DEFAULT_MEDHALLTUNE_DIR, help="folder with the MedHallTune JSONL files")
     p.add_argument("--force", action="store_true", help="rebuild even if the cached default model exists")
     p.set_defaults(func=_run)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Iterable
 
 POLARITIES = ("positive", "negative")
+DEFAULT_MEDHALLTUNE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "medhalltune"
+"""The development split beside the repository (../shared/data/medhalltune)."""
 SCORE_NAMES = ("clinical_accuracy", "clinical_relevance", "detail_level", "risk_level")
 BLANK_IMAGE_NOTE = (
     "NOTE: image files are missing; a blank mid-gray image stands in for them, so results do not reflect the images."
@@ -415,6 +417,19 @@ def blank_image(size: int = 64):
     from PIL import Image
 
     return Image.new("RGB", (size, size), (128, 128, 128))
+
+
+def image_payload(example: VqaExample, blank_size: int = 64) -> tuple[bytes, str]:
+    """-> (image bytes, media type) for a row: its file, or a blank PNG when the file is missing."""
+    if example.image_path is not None:
+        from guard.preprocess import media_type_for
+
+        return example.image_path.read_bytes(), media_type_for(example.image_path)
+    import io
+
+    buf = io.BytesIO()
+    blank_image(blank_size).save(buf, format="PNG")
+    return buf.getvalue(), "image/png"
 
 
 # ---------------------------------------------------------------- splitting and mixing

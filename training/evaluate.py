@@ -14,7 +14,6 @@ Writes `report.json` and `report.md`.
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,21 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data import image_payload
 from training.heads import safe
 
 # Evaluation serves answers even when the guard would abstain, so that the
 # model's raw answers can be judged; the verdicts are reported separately.
 _EVAL_POLICY = {"withhold_answer_on_abstain": False}
-
-
-def _image_bytes(example) -> bytes:
-    if example.image_path is not None:
-        return example.image_path.read_bytes()
-    from training.data import blank_image
-
-    buf = io.BytesIO()
-    blank_image(64).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _config_file(tmp: Path, name: str, policy: dict, max_new_tokens: int) -> Path:
@@ -63,15 +53,16 @@ def _call_all(address: str, requests: list, rpc: str, concurrency: int, desc: st
 def _ask_requests(examples):
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    return [pb.AskRequest(image=_image_bytes(e), media_type="image/png", question=e.question, request_id=e.id)
-            for e in examples]
+    return [pb.AskRequest(image=image, media_type=media_type, question=e.question, request_id=e.id)
+            for e, (image, media_type) in ((e, image_payload(e)) for e in examples)]
 
 
 def _score_requests(examples, answers):
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    return [pb.ScoreRequest(image=_image_bytes(e), media_type="image/png", question=e.question, answer=a or "(no answer)",
-                            request_id=e.id) for e, a in zip(examples, answers)]
+    return [pb.ScoreRequest(image=image, media_type=media_type, question=e.question, answer=a or "(no answer)",
+                            request_id=e.id)
+            for e, a, (image, media_type) in ((e, a, image_payload(e)) for e, a in zip(examples, answers))]
 
 
 def phantom_rates(examples, answers) -> dict:

@@ -26,13 +26,9 @@ class TorchModel:
     model: object
     spec: object  # guard.spec.ModelSpec
 
-    @property
-    def family(self):
-        return family_for(self.model.config.model_type)
-
-    @property
-    def text(self):
-        return self.family.text_model(self.model)
+    def __post_init__(self) -> None:
+        self.family = family_for(self.model.config.model_type)
+        self.text = self.family.text_model(self.model)
 
 
 def _embeds(tm: TorchModel, ids, pixels):

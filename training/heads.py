@@ -84,10 +84,6 @@ def group_folds(groups: list[str], fraction: float, seed: int = 0) -> np.ndarray
     return np.array([bucket(g) < fraction for g in groups])
 
 
-def logits_of(head: MLPHead, x: np.ndarray, column: int = 0) -> np.ndarray:
-    return head(x)[:, column]
-
-
 def sigmoid(z):
     return 1 / (1 + np.exp(-np.asarray(z, float)))
 

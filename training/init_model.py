@@ -52,7 +52,8 @@ The arrow points to a hypodense lesion. There is no arrow or annotation in this 
 
 def default_corpus_files() -> list[Path]:
     """MedHallTune text beside the repo (../shared/data/medhalltune), when it is there."""
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "medhalltune"
+    from training.data import DEFAULT_MEDHALLTUNE_DIR as root
+
     return sorted(root.glob("val_*_qa-filtered.jsonl")) if root.is_dir() else []
 
 

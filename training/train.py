@@ -27,11 +27,10 @@ from guard.head import GuardHeads
 from guard.preprocess import preprocess
 from guard.prompt import Prompter
 from guard.spec import HEADS_FILE, META_FILE, spec_from_hf_dir
-from training.data import BLANK_IMAGE_NOTE, VqaExample, blank_image, load_examples, mix
+from training.data import BLANK_IMAGE_NOTE, VqaExample, image_payload, load_examples, mix
 
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                "chat_template.json", "chat_template.jinja")
-_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
 
 
 @dataclass(frozen=True)
@@ -150,16 +149,7 @@ class EncodedExamples:
 
 def image_pixels(ex: VqaExample, preprocess_config):
     """-> float32 [3, S, S]; a blank image when the row has no image file."""
-    import io
-
-    if ex.image_path is None:
-        buf = io.BytesIO()
-        blank_image(preprocess_config.image_size).save(buf, format="PNG")
-        return preprocess(buf.getvalue(), "image/png", preprocess_config)
-    media_type = _MEDIA_TYPES.get(ex.image_path.suffix.lower())
-    if media_type is None:
-        raise ValueError(f"{ex.image_path}: unsupported image suffix; use .png, .jpg or .dcm")
-    return preprocess(ex.image_path.read_bytes(), media_type, preprocess_config)
+    return preprocess(*image_payload(ex, preprocess_config.image_size), preprocess_config)
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
