@@ -21,13 +21,24 @@ def cli_path() -> Path:
 @contextlib.contextmanager
 def served(model_dir: str | Path, config: str | Path | None = None, ready_timeout_s: float = 120.0, log=None):
     """-> "127.0.0.1:PORT" of a SERVING server; raises RuntimeError if it does not come up."""
+    with served_process(model_dir, config, ready_timeout_s, log) as (address, _):
+        yield address
+
+
+@contextlib.contextmanager
+def served_process(model_dir: str | Path, config: str | Path | None = None, ready_timeout_s: float = 120.0,
+                   log=None, stderr=None):
+    """Like served(), but yields (address, the server's subprocess.Popen) for callers that watch the process.
+
+    `stderr`: where the server's log goes (a file object; default: this process's stderr).
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     cmd = [str(cli_path()), "serve", "--model", str(model_dir), "--address", "127.0.0.1:0"]
     if config:
         cmd += ["--config", str(config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         line = proc.stdout.readline().strip()
         if not line.startswith("serving on "):
@@ -39,7 +50,7 @@ def served(model_dir: str | Path, config: str | Path | None = None, ready_timeou
             _wait_serving(health, health_pb2, ready_timeout_s)
         if log:
             log(f"server for {model_dir} is SERVING on {address}")
-        yield address
+        yield address, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)

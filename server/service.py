@@ -189,6 +189,7 @@ class Admission:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             stop.cancelled.set()  # the worker stops at its next step, then frees the slot
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # its expected error: retrieved, not logged
             raise
 
     async def _wait_for_slot(self, stop: StopSignal) -> None:
