@@ -52,12 +52,12 @@ SOAK_REQUESTS ?= 2000
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py --requests $(SOAK_REQUESTS) --concurrency 32 --out reports/soak/soak.json
 
-K8S_VERSION ?= 1.33
+K8S_VERSION ?= 1.33.0
 lint-deploy: $(STAMP)
 	$(PIP) install --quiet -e ".[deploy-lint]"
-	$(VENV)/bin/hadolint --config deploy/docker/hadolint.yaml deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.cuda
-	$(PY) deploy/validate_manifests.py --kubernetes-version $(K8S_VERSION) deploy/k8s/*.yaml
-	$(PY) -m pytest -q tests/test_triton_repo.py
+	$(VENV)/bin/hadolint deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.cuda
+	$(VENV)/bin/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) deploy/k8s/*.yaml
+	$(PY) -m pytest -q tests/test_deploy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
