@@ -128,6 +128,11 @@ class BatchScheduler:
             else:
                 raise value
 
+    def queued(self) -> int:
+        """Requests waiting to join the batch."""
+        with self._wake:
+            return len(self._pending)
+
     def close(self) -> None:
         """Stop the scheduler thread; waiting and running requests get BackendUnavailableError."""
         with self._wake:

@@ -20,7 +20,8 @@ class ServerConfig:
     max_message_bytes: int = 32 * MiB
     """Largest gRPC message received or sent, in bytes; bounds the image size on the wire."""
     max_concurrency: int = 2
-    """Requests computing at once; each one occupies a worker thread."""
+    """Requests computing at once; each one occupies a worker thread. With [batching] on, at least
+    `batching.max_batch_size`, so that a full batch can be admitted."""
     max_queue: int = 8
     """Requests allowed to wait for a slot; one more gets RESOURCE_EXHAUSTED."""
     default_deadline_s: float = 120.0

@@ -212,6 +212,12 @@ class Admission:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _slots(guard, config: ServerConfig) -> int:
+    """Requests admitted at once. With batching on, a full batch: each request waits in its own worker thread."""
+    batching = guard.config.batching
+    return max(config.max_concurrency, batching.max_batch_size) if batching.enabled else config.max_concurrency
+
+
 # --- the servicer -----------------------------------------------------------
 
 
@@ -219,7 +225,7 @@ class MedHallGuardServicer(pb_grpc.MedHallGuardServicer):
     def __init__(self, guard, config: ServerConfig):
         self.guard = guard
         self.config = config
-        self.admission = Admission(config.max_concurrency, config.max_queue)
+        self.admission = Admission(_slots(guard, config), config.max_queue)
         self.unready_reason: str | None = "the model is still warming up; retry when health reports SERVING"
         """Why requests get UNAVAILABLE; None once guard.warmup() has finished."""
 
