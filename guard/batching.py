@@ -69,6 +69,7 @@ class _Job:
     pixels: np.ndarray  # [3, H, W]
     config: DecodeConfig
     stop: StopSignal
+    streaming: bool
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     seq: Sequence | None = None
     vision_ms: float = 0.0
@@ -107,7 +108,7 @@ class BatchScheduler:
     def generate(self, ids: np.ndarray, pixels: np.ndarray, config: DecodeConfig, stop: StopSignal | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         """ids [S] with image slots, pixels [3,H,W] -> the Generation that decode.generate would give."""
-        job = _Job(ids, pixels, config, stop or StopSignal())
+        job = _Job(ids, pixels, config, stop or StopSignal(), streaming=on_token is not None)
         with self._wake:
             if self._closed:
                 raise BackendUnavailableError("the batch scheduler is shut down; this server is stopping")
@@ -121,8 +122,7 @@ class BatchScheduler:
                     raise BackendUnavailableError("the batch scheduler stopped; see the server log") from None
                 continue
             if kind == "token":
-                if on_token is not None:
-                    on_token(value)
+                on_token(value)
             elif kind == "done":
                 return value
             else:
@@ -214,7 +214,8 @@ class BatchScheduler:
         seq_len = embeds.shape[1]
         out, cache = self.backend.forward(embeds, np.ones((1, seq_len), np.int64),
                                           np.arange(seq_len, dtype=np.int64)[None], self.backend.new_cache(1))
-        job.seq = Sequence(job.config, self.eos_token_ids, on_token=lambda tok: job.events.put(("token", tok)))
+        stream = (lambda tok: job.events.put(("token", tok))) if job.streaming else None
+        job.seq = Sequence(job.config, self.eos_token_ids, on_token=stream)
         token = job.seq.push(out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1])
         job.decode_t0 = time.perf_counter()
         job.prefill_ms = (job.decode_t0 - t) * 1e3
