@@ -53,11 +53,11 @@ class _TextFormatter(logging.Formatter):
         return f"{line} request_id={rid}" if rid and f"request_id={rid}" not in line else line
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Send the root logger's records to stderr in `fmt` ("text" or "json"), request ids attached."""
+def configure(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+    """Send the root logger's records to `stream` (default stderr) in `fmt` ("text" or "json"), request ids attached."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {FORMATS}, got {fmt!r}")
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else _TextFormatter(_TEXT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
