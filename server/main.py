@@ -105,7 +105,7 @@ async def start(address: str, guard, config: ServerConfig, env_tokens: str | Non
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        metrics_port = _serve_metrics(metrics, config.metrics_address, servicer, info)
+        metrics_port = _serve_metrics(metrics, config.metrics_address, servicer, guard, info)
     except (RuntimeError, OSError) as e:
         if audit is not None:
             audit.close()
@@ -120,10 +120,15 @@ async def start(address: str, guard, config: ServerConfig, env_tokens: str | Non
     return Running(server, port, health_servicer, servicer, warmed, interceptor, metrics, metrics_port, audit)
 
 
-def _serve_metrics(metrics: Metrics | None, address: str, servicer: MedHallGuardServicer, info) -> int | None:
+def _serve_metrics(metrics: Metrics | None, address: str, servicer: MedHallGuardServicer, guard, info) -> int | None:
+    """Wire the gauges read at scrape time, then start the /metrics endpoint; -> its port."""
     if metrics is None:
         return None
-    metrics.watch_queue(lambda: servicer.admission.waiting)
+    batcher = getattr(guard, "batcher", None)  # guard.batching.BatchScheduler when batching is on
+    batch_queued = getattr(batcher, "queued", None)
+    metrics.watch_queue(lambda: servicer.admission.waiting + (batch_queued() if batch_queued else 0))
+    if callable(getattr(batcher, "running", None)):
+        metrics.watch_batch(batcher.running)
     metrics.model.labels(info.model_id, info.checksum, info.backend).set(1)
     return metrics.serve(address)
 

@@ -42,8 +42,8 @@ class Metrics:
         self.in_flight = Gauge("medhallguard_in_flight_requests", "RPCs being served (queued or computing)",
                                registry=r)
         self.queue_depth = Gauge("medhallguard_queue_depth", "Requests waiting for a compute slot", registry=r)
-        self.batch_size = Histogram("medhallguard_batch_size", "Requests per batch a batching component ran",
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.batch_size = Gauge("medhallguard_batch_size",
+                                "Sequences in the running decoder batch (with batching on; else stays 0)", registry=r)
         self.ready = Gauge("medhallguard_ready", "1 while health is SERVING, else 0", registry=r)
         self.model = Gauge("medhallguard_model_info", "The served model (always 1)",
                            ["model_id", "checksum", "backend"], registry=r)
@@ -53,9 +53,9 @@ class Metrics:
         """Read the queue depth from `depth()` at every scrape."""
         self.queue_depth.set_function(depth)
 
-    def observe_batch(self, size: int) -> None:
-        """For a batching component: one batch of `size` requests ran."""
-        self.batch_size.observe(size)
+    def watch_batch(self, size: Callable[[], float]) -> None:
+        """Read the running batch size from `size()` at every scrape."""
+        self.batch_size.set_function(size)
 
     def observe_call(self, rpc: str, code: grpc.StatusCode, response, seconds: float) -> None:
         """Count one finished RPC; `response` (an AskResponse, or None) adds verdict, stages and tokens."""

@@ -160,3 +160,23 @@ def test_text_log_lines_get_the_request_id_appended():
 def test_unknown_log_format_is_refused():
     with pytest.raises(ValueError, match="log format"):
         logs.configure("INFO", "yaml")
+
+
+class _Batcher:
+    """What server/main.py reads from a batching scheduler (guard.batcher)."""
+
+    def queued(self) -> int:
+        return 3
+
+    def running(self) -> int:
+        return 5
+
+
+@pytest.mark.timeout(30)
+def test_queue_depth_and_batch_size_come_from_the_batching_scheduler_when_there_is_one():
+    guard = FakeGuard()
+    guard.batcher = _Batcher()
+    with serve_in_thread(guard, _metrics_config()) as server:
+        m = _scrape(server.running.metrics_port)
+    assert m[("medhallguard_queue_depth", ())] == 3  # nothing waits for a slot; 3 wait to join the batch
+    assert m[("medhallguard_batch_size", ())] == 5
