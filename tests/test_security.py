@@ -287,3 +287,39 @@ def test_server_config_fields_round_trip_from_toml_keys(pki, tokens_file):
     assert {k: getattr(config, k) for k in table} == table
     with pytest.raises(ValueError, match="metrics_address"):
         dataclasses.replace(config, metrics_address="9464")
+
+
+@pytest.mark.timeout(30)
+def test_audit_names_the_token_client_and_records_refused_calls(pki, tokens_file, tmp_path):
+    config = _tls(pki, auth_tokens_file=tokens_file, audit_log=str(tmp_path / "audit.jsonl"))
+    with serve_in_thread(FakeGuard(), config) as server, _channel(server.port, pki) as channel:
+        stub = pb_grpc.MedHallGuardStub(channel)
+        stub.Ask(pb.AskRequest(image=png_bytes(), media_type="image/png", question="Any effusion?",
+                               request_id="ok-1"), timeout=10, metadata=security.auth_metadata(ALICE))
+        for request_id, metadata in [("none-1", ()), ("wrong-1", (("authorization", "Bearer wrong-wrong-wrong"),))]:
+            with pytest.raises(grpc.RpcError):
+                stub.Ask(pb.AskRequest(image=png_bytes(), media_type="image/png", question="q",
+                                       request_id=request_id), timeout=10, metadata=metadata)
+    entries = {e["request_id"]: e for e in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())}
+    assert entries["ok-1"]["client"] == "token:alice" and entries["ok-1"]["status"] == "OK"
+    assert entries["none-1"]["status"] == "UNAUTHENTICATED" and entries["none-1"]["client"].startswith("peer:")
+    assert entries["wrong-1"]["status"] == "PERMISSION_DENIED" and "verdict" not in entries["wrong-1"]
+    assert "wrong-wrong" not in (tmp_path / "audit.jsonl").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_launch_served_connects_to_a_tls_server_with_a_token_from_the_environment(nano_models, pki, tmp_path):
+    from server.launch import served
+
+    config = tmp_path / "tls.toml"
+    config.write_text(f'[server]\ntls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n'
+                      f'tls_client_ca = "{pki.ca_cert}"\nauth_health = true\n'
+                      "[policy]\nallow_untrained_heads = true\n[decode]\nmax_new_tokens = 4\n")
+    env = {"MEDHALLGUARD_AUTH_TOKENS": f"launcher:{ALICE}"}
+    with served(nano_models["smolvlm"], config, ca_cert=pki.ca_cert, client_cert=pki.client_cert,
+                client_key=pki.client_key, token=ALICE, env=env) as address:
+        with security.client_channel(address, pki.ca_cert, pki.client_cert, pki.client_key) as channel:
+            stub = pb_grpc.MedHallGuardStub(channel)
+            response = stub.Ask(_ask(), timeout=60, metadata=security.auth_metadata(ALICE))
+            assert response.verdict != pb.VERDICT_UNSPECIFIED and 1 <= response.num_tokens <= 4
+            assert _code(lambda: stub.Ask(_ask(), timeout=60)) is grpc.StatusCode.UNAUTHENTICATED
