@@ -121,6 +121,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no MedHallGuard call is in flight, at most timeout_s; -> whether that happened."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True

@@ -104,12 +104,15 @@ async def start(address: str, guard, config: ServerConfig, env_tokens: str | Non
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"could not listen on {address}: {e}; is the port in use?") from None
         metrics_port = _serve_metrics(metrics, config.metrics_address, servicer, guard, info)
-    except (RuntimeError, OSError) as e:
+    except OSError:
         if audit is not None:
             audit.close()
-        raise OSError(f"could not listen on {address}: {e}; is the port in use?") from None
+        raise
     await server.start()
     log.info("listening on %s with %s; auth %s; audit log %s", address,
              ("mutual TLS" if config.tls_client_ca else "TLS") if credentials else "no TLS (plaintext)",

@@ -180,3 +180,18 @@ def test_queue_depth_and_batch_size_come_from_the_batching_scheduler_when_there_
         m = _scrape(server.running.metrics_port)
     assert m[("medhallguard_queue_depth", ())] == 3  # nothing waits for a slot; 3 wait to join the batch
     assert m[("medhallguard_batch_size", ())] == 5
+
+
+@pytest.mark.timeout(30)
+def test_a_busy_metrics_port_is_a_clear_error():
+    import socket
+
+    from tests.fakes import serve_in_thread as serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = ServerConfig(address="127.0.0.1:0", metrics_address=f"127.0.0.1:{busy.getsockname()[1]}")
+        with pytest.raises(OSError, match="could not serve metrics on 127.0.0.1:.*in use"):
+            with serve(FakeGuard(), config):
+                pass
