@@ -241,9 +241,9 @@ def _refusal(handler, code: grpc.StatusCode, details: str):
 
 
 def _assign_request_id(request) -> str:
-    """Give the request an id if the client sent none, so logs and errors can name it."""
+    """Give the request an id if the client sent none, so logs, audit entries and errors can name it."""
     if "request_id" not in type(request).DESCRIPTOR.fields_by_name:
-        return ""
+        return uuid.uuid4().hex  # e.g. GetModelInfo: the id lives in the server's records only
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
     return request.request_id

@@ -56,6 +56,7 @@ def test_each_call_gets_an_entry_with_image_hash_verdict_scores_and_model(tmp_pa
     assert ask["time"].endswith("+00:00")
     assert score["rpc"] == "Score" and score["request_id"] == "s-1" and score["verdict"] == "ANSWER"
     assert info["rpc"] == "GetModelInfo" and info["model_checksum"] == "f" * 64 and "image_sha256" not in info
+    assert len(info["request_id"]) == 32  # the server names calls whose message has no request_id
 
 
 @pytest.mark.timeout(30)
