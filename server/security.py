@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MIN_TOKEN_CHARS = 16
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+_COMMENT = re.compile(r"(^|\s)#.*$")
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _REFLECTION_PREFIX = "/grpc.reflection."
 _NEW_TOKEN_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
@@ -95,7 +96,7 @@ def load_auth(tokens_file: str, env_tokens: str | None, health: bool, reflection
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("the tokens file %s is readable by other users; chmod 600 it", tokens_file)
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
+            line = _COMMENT.sub("", line).strip()  # "# note" lines and " # note" tails; a '#' inside a token stays
             if line:
                 entries.append((f"{tokens_file} line {number}", *_split_entry(line)))
     for number, entry in enumerate((env_tokens or "").replace(",", " ").split(), 1):

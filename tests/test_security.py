@@ -323,3 +323,11 @@ def test_launch_served_connects_to_a_tls_server_with_a_token_from_the_environmen
             response = stub.Ask(_ask(), timeout=60, metadata=security.auth_metadata(ALICE))
             assert response.verdict != pb.VERDICT_UNSPECIFIED and 1 <= response.num_tokens <= 4
             assert _code(lambda: stub.Ask(_ask(), timeout=60)) is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tokens_file_comments_do_not_cut_a_token_that_contains_a_hash(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# ops tokens\n  # indented comment\ndana:abc#def-0123456789xyz   # dana's laptop\n")
+    auth = security.load_auth(str(path), None, False, True)
+    assert auth.client_for([("authorization", "Bearer abc#def-0123456789xyz")]) == "dana"
+    assert len(auth.digests) == 1
