@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import threading
 import time
@@ -183,7 +184,8 @@ class Admission:
             await self._wait_for_slot(stop)
         else:
             await self._slots.acquire()  # free slot: returns without suspending
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, stop)
+        context = contextvars.copy_context()  # the worker logs with this request's id (server.logs)
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, context.run, fn, stop)
         fut.add_done_callback(lambda _: self._slots.release())
         try:
             return await asyncio.shield(fut)
@@ -207,6 +209,11 @@ class Admission:
             ) from None
         finally:
             self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot now."""
+        return self._waiting
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
