@@ -13,11 +13,13 @@ category and must end with the status that category allows:
   bad_image        corrupt PNG, truncated JPEG, garbage DICOM, wrong media type  -> INVALID_ARGUMENT
   cancelled        the client cancels mid-call (mid-stream, or while queued)     -> CANCELLED (OK if it finished first)
   deadline         a 1-5 ms deadline                                             -> DEADLINE_EXCEEDED (OK if it finished in time)
-  unauthenticated  no or a wrong token, when the server requires one             -> UNAUTHENTICATED
+  unauthenticated  no token or a malformed `authorization` header                -> UNAUTHENTICATED
+                   a token the server does not know                              -> PERMISSION_DENIED
 
-The `unauthenticated` category needs a server with token auth, which this
-server does not have yet: the default mix leaves it out, and asking for it is
-an error that says so.
+The server runs with bearer-token auth (a fresh random token, passed through
+$MEDHALLGUARD_AUTH_TOKENS; plaintext on loopback with `allow_insecure_auth`),
+and every request outside `unauthenticated` carries the token. `--no-auth`
+serves without auth; the mix may then not include `unauthenticated`.
 
 The run passes when every status is allowed, the server process is still up
 with health SERVING, a last good request succeeds, RSS grew by less than
@@ -47,14 +49,20 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 CATEGORIES = ("good", "bad_image", "cancelled", "deadline", "unauthenticated")
-DEFAULT_MIX = {"good": 45, "bad_image": 25, "cancelled": 15, "deadline": 15}
-"""Weights, not counts. `unauthenticated` is left out until the server has token auth."""
+DEFAULT_MIX = {"good": 40, "bad_image": 20, "cancelled": 15, "deadline": 15, "unauthenticated": 10}
+"""Weights, not counts."""
 ALLOWED = {
     "good": {"OK"},
     "bad_image": {"INVALID_ARGUMENT"},
     "cancelled": {"CANCELLED", "OK"},  # OK only when the call had finished before cancel() (recorded apart)
     "deadline": {"DEADLINE_EXCEEDED", "OK"},  # OK only if the server beat a 1-5 ms deadline
-    "unauthenticated": {"UNAUTHENTICATED"},
+    "unauthenticated": {"UNAUTHENTICATED", "PERMISSION_DENIED"},  # narrowed per variant by ALLOWED_VARIANT
+}
+ALLOWED_VARIANT = {
+    f"unauthenticated/{stream}{variant}": {code}
+    for stream in ("", "stream_")
+    for variant, code in (("no_token", "UNAUTHENTICATED"), ("malformed_header", "UNAUTHENTICATED"),
+                          ("wrong_token", "PERMISSION_DENIED"))
 }
 SERVER_TOML = """\
 # Written by benchmarks/soak.py: short answers, a queue deep enough for the client's concurrency.
@@ -63,6 +71,7 @@ max_concurrency = {max_concurrency}
 max_queue = {max_queue}
 default_deadline_s = 60.0
 grace_s = 10.0
+allow_insecure_auth = {auth}      # bearer tokens over plaintext: loopback only
 
 [backend]
 threads = {threads}
@@ -133,7 +142,7 @@ async def _status(coro) -> str:
     return "OK"
 
 
-async def _good(stub, pb, payloads: Payloads, rng: random.Random) -> tuple[str, str]:
+async def _good(stub, pb, payloads: Payloads, rng: random.Random, md) -> tuple[str, str]:
     question = rng.choice(QUESTIONS)
     variant = rng.choice(("ask_png", "ask_jpeg", "ask_dicom", "stream_png", "score_png"))
     if variant == "ask_dicom":
@@ -144,45 +153,56 @@ async def _good(stub, pb, payloads: Payloads, rng: random.Random) -> tuple[str, 
         image, media_type = rng.choice(payloads.pngs), "image/png"
     if variant == "score_png":
         request = pb.ScoreRequest(image=image, media_type=media_type, question=question, answer="No effusion.")
-        return variant, await _status(stub.Score(request, timeout=60))
+        return variant, await _status(stub.Score(request, timeout=60, metadata=md))
     request = pb.AskRequest(image=image, media_type=media_type, question=question)
     if variant == "stream_png":
-        return variant, await _status(_drain(stub.AskStream(request, timeout=60)))
-    return variant, await _status(stub.Ask(request, timeout=60))
+        return variant, await _status(_drain(stub.AskStream(request, timeout=60, metadata=md)))
+    return variant, await _status(stub.Ask(request, timeout=60, metadata=md))
 
 
 async def _drain(call) -> int:
     return sum([1 async for _ in call])
 
 
-async def _bad_image(stub, pb, payloads: Payloads, rng: random.Random) -> tuple[str, str]:
+async def _bad_image(stub, pb, payloads: Payloads, rng: random.Random, md) -> tuple[str, str]:
     variant, image, media_type = payloads.bad(rng)
     request = pb.AskRequest(image=image, media_type=media_type, question=rng.choice(QUESTIONS))
-    return variant, await _status(stub.Ask(request, timeout=60))
+    return variant, await _status(stub.Ask(request, timeout=60, metadata=md))
 
 
-async def _cancelled(stub, pb, payloads: Payloads, rng: random.Random) -> tuple[str, str]:
+async def _cancelled(stub, pb, payloads: Payloads, rng: random.Random, md) -> tuple[str, str]:
     """Mid-stream: cancel after the first message; unary: cancel 0-50 ms in (queued or decoding)."""
     request = pb.AskRequest(image=rng.choice(payloads.pngs), media_type="image/png", question=rng.choice(QUESTIONS))
     if rng.random() < 0.5:
-        call, variant = stub.AskStream(request, timeout=60), "stream_after_first_message"
+        call, variant = stub.AskStream(request, timeout=60, metadata=md), "stream_after_first_message"
         async for _ in call:
             break
     else:
-        call, variant = stub.Ask(request, timeout=60), "unary_after_delay"
+        call, variant = stub.Ask(request, timeout=60, metadata=md), "unary_after_delay"
         await asyncio.sleep(rng.uniform(0, 0.05))
     if not call.cancel():  # the call had already ended: report what it ended with
         return variant + "_finished_first", (await call.code()).name
     return variant, (await call.code()).name
 
 
-async def _deadline(stub, pb, payloads: Payloads, rng: random.Random) -> tuple[str, str]:
+async def _deadline(stub, pb, payloads: Payloads, rng: random.Random, md) -> tuple[str, str]:
     request = pb.AskRequest(image=rng.choice(payloads.pngs), media_type="image/png", question=rng.choice(QUESTIONS))
-    return "ask_1_to_5_ms", await _status(stub.Ask(request, timeout=rng.uniform(0.001, 0.005)))
+    return "ask_1_to_5_ms", await _status(stub.Ask(request, timeout=rng.uniform(0.001, 0.005), metadata=md))
 
 
-SENDERS = {"good": _good, "bad_image": _bad_image, "cancelled": _cancelled, "deadline": _deadline}
-"""`unauthenticated` gets its sender when the server has token auth; parse_mix refuses it until then."""
+async def _unauthenticated(stub, pb, payloads: Payloads, rng: random.Random, md) -> tuple[str, str]:
+    """A good request with no token, a malformed `authorization` header, or a token the server does not know."""
+    request = pb.AskRequest(image=rng.choice(payloads.pngs), media_type="image/png", question=rng.choice(QUESTIONS))
+    variant = rng.choice(("no_token", "malformed_header", "wrong_token"))
+    metadata = {"no_token": (), "malformed_header": (("authorization", "Basic dXNlcjpwYXNz"),),
+                "wrong_token": (("authorization", f"Bearer {rng.randbytes(24).hex()}"),)}[variant]
+    if rng.random() < 0.3:
+        return "stream_" + variant, await _status(_drain(stub.AskStream(request, timeout=60, metadata=metadata)))
+    return variant, await _status(stub.Ask(request, timeout=60, metadata=metadata))
+
+
+SENDERS = {"good": _good, "bad_image": _bad_image, "cancelled": _cancelled, "deadline": _deadline,
+           "unauthenticated": _unauthenticated}
 
 
 # --- the load -----------------------------------------------------------------------------------
@@ -201,7 +221,7 @@ def plan(mix: dict[str, int], n: int, seed: int) -> list[str]:
 
 
 async def run_load(address: str, categories: list[str], concurrency: int, payloads: Payloads, seed: int,
-                   progress=None) -> list[tuple[str, str, str]]:
+                   token: str | None = None, progress=None) -> list[tuple[str, str, str]]:
     """Send one request per category with at most `concurrency` in flight -> [(category, variant, status)]."""
     import grpc
 
@@ -209,6 +229,7 @@ async def run_load(address: str, categories: list[str], concurrency: int, payloa
     from server.pb.medhallguard.v1 import guard_pb2_grpc as pb_grpc
 
     results: list[tuple[str, str, str]] = []
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     queue: asyncio.Queue = asyncio.Queue()
     for i, category in enumerate(categories):
         queue.put_nowait((i, category))
@@ -216,7 +237,8 @@ async def run_load(address: str, categories: list[str], concurrency: int, payloa
     async def worker(stub):
         while not queue.empty():
             i, category = queue.get_nowait()
-            variant, status = await SENDERS[category](stub, pb, payloads, random.Random(seed * 1_000_003 + i))
+            rng = random.Random(seed * 1_000_003 + i)
+            variant, status = await SENDERS[category](stub, pb, payloads, rng, metadata)
             results.append((category, variant, status))
             if progress:
                 progress()
@@ -228,7 +250,7 @@ async def run_load(address: str, categories: list[str], concurrency: int, payloa
     return results
 
 
-async def check_serving(address: str) -> tuple[str, str]:
+async def check_serving(address: str, token: str | None) -> tuple[str, str]:
     """-> (health status name, status of one last good Ask)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -245,7 +267,8 @@ async def check_serving(address: str) -> tuple[str, str]:
             health = f"unreachable ({e.code().name})"
         image = _encode(np.full((64, 64, 3), 128, np.uint8), "PNG")
         last = await _status(pb_grpc.MedHallGuardStub(channel).Ask(
-            pb.AskRequest(image=image, media_type="image/png", question="Is there a pleural effusion?"), timeout=60))
+            pb.AskRequest(image=image, media_type="image/png", question="Is there a pleural effusion?"), timeout=60,
+            metadata=(("authorization", f"Bearer {token}"),) if token else ()))
     return health, last
 
 
@@ -269,7 +292,7 @@ def settle(pid: int, seconds: float) -> dict[str, int]:
     return proc_status(pid)
 
 
-def parse_mix(text: str) -> dict[str, int]:
+def parse_mix(text: str, auth: bool = True) -> dict[str, int]:
     mix = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, weight = part.partition("=")
@@ -278,9 +301,8 @@ def parse_mix(text: str) -> dict[str, int]:
         if not weight.isdigit():
             raise ValueError(f"--mix: {part!r} needs a whole-number weight, e.g. {name}=10")
         mix[name] = int(weight)
-    if mix.get("unauthenticated"):
-        raise ValueError("--mix: `unauthenticated` needs a server with token auth, which this server does not "
-                         "have yet; leave it out")
+    if mix.get("unauthenticated") and not auth:
+        raise ValueError("--mix: `unauthenticated` needs the server's token auth; drop --no-auth or leave it out")
     if not any(mix.values()):
         raise ValueError("--mix: every weight is 0")
     return {k: v for k, v in mix.items() if v}
@@ -296,39 +318,44 @@ def make_model(root: Path) -> Path:
 def soak(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     from server.launch import served_process
 
-    mix = parse_mix(args.mix)
+    import secrets
+
+    mix = parse_mix(args.mix, auth=not args.no_auth)
     payloads = Payloads.make(args.seed)
+    token = None if args.no_auth else secrets.token_urlsafe(32)
+    env = {"MEDHALLGUARD_AUTH_TOKENS": f"soak:{token}"} if token else {}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         model = Path(args.model) if args.model else make_model(Path(tmp))
         config = Path(tmp) / "soak.toml"
         config.write_text(SERVER_TOML.format(max_concurrency=args.server_concurrency,
                                              max_queue=max(64, 2 * args.concurrency), threads=args.server_threads,
-                                             max_new_tokens=args.max_new_tokens))
+                                             max_new_tokens=args.max_new_tokens,
+                                             auth="false" if args.no_auth else "true"))
         summary: dict = {"requests": args.requests, "concurrency": args.concurrency, "warmup_requests": args.warmup,
                          "mix": mix, "model": str(args.model or "random-init nano smolvlm (init-model)"),
                          "server": {"max_concurrency": args.server_concurrency, "threads": args.server_threads,
                                     "max_new_tokens": args.max_new_tokens},
-                         "unauthenticated": "left out: the server has no token auth yet"}
+                         "auth": "off (--no-auth)" if args.no_auth else "bearer token, plaintext on loopback"}
         failures: list[str] = []
         server_log = Path(args.server_log or Path(tmp) / "server.log")
         try:
             with open(server_log, "w") as log_file, \
-                    served_process(model, config, log=log, stderr=log_file) as (address, proc):
+                    served_process(model, config, log=log, token=token, env=env, stderr=log_file) as (address, proc):
                 log(f"warm-up: {args.warmup} requests")
                 asyncio.run(run_load(address, plan(mix, args.warmup, args.seed + 1), args.concurrency, payloads,
-                                     args.seed + 1))
+                                     args.seed + 1, token))
                 before = settle(proc.pid, args.settle_s)
                 log(f"after warm-up: rss {before['rss_bytes'] / 2**20:.1f} MiB, {before['threads']} threads; "
                     f"sending {args.requests} requests at concurrency {args.concurrency}")
                 bar = _progress(args.requests)
                 t0 = time.perf_counter()
                 results = asyncio.run(run_load(address, plan(mix, args.requests, args.seed), args.concurrency,
-                                               payloads, args.seed, progress=bar.update))
+                                               payloads, args.seed, token, progress=bar.update))
                 duration_s = time.perf_counter() - t0
                 bar.close()
                 after = settle(proc.pid, args.settle_s)
                 alive = proc.poll() is None
-                health, last = asyncio.run(check_serving(address)) if alive else ("process exited", "-")
+                health, last = asyncio.run(check_serving(address, token)) if alive else ("process exited", "-")
                 summary.update(_tally(results, duration_s, before, after))
                 summary.update(server_alive=alive, health_end=health, last_good_request=last)
         except RuntimeError as e:  # the server did not come up, or did not exit 0 on SIGTERM
@@ -350,7 +377,7 @@ def _tally(results, duration_s: float, before: dict, after: dict) -> dict:
     for category, variant, status in results:
         counts[category][status] += 1
         variants[category][variant] += 1
-        if status not in ALLOWED[category]:
+        if status not in ALLOWED_VARIANT.get(f"{category}/{variant}", ALLOWED[category]):
             unexpected[f"{category}/{variant}: {status}"] += 1
     return {
         "sent": len(results),
@@ -418,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python benchmarks/soak.py --model bundles/nano-fp32        # serve an export bundle (onnxruntime)\n"
             "  python benchmarks/soak.py --mix good=1,bad_image=1         # only these two categories\n\n"
             "categories: good -> OK; bad_image -> INVALID_ARGUMENT; cancelled -> CANCELLED;\n"
-            "deadline -> DEADLINE_EXCEEDED; unauthenticated (not available yet: the server has no auth)\n"
+            "deadline -> DEADLINE_EXCEEDED; unauthenticated -> UNAUTHENTICATED (wrong token: PERMISSION_DENIED)\n"
             "exit status: 0 when every check passed, 1 otherwise; the JSON summary goes to stdout"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -438,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rss-growth", type=float, default=0.10,
                    help="largest allowed RSS growth after warm-up, as a fraction (default 0.10)")
     p.add_argument("--server-log", type=Path, metavar="FILE", help="keep the server's log here (default: discarded)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve without bearer-token auth (then the mix cannot include unauthenticated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, metavar="FILE.json", help="also write the summary here")
     return p
@@ -449,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the soak test reads the server's memory and threads from /proc (Linux only)", file=sys.stderr)
         return 2
     try:
-        parse_mix(args.mix)
+        parse_mix(args.mix, auth=not args.no_auth)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ def test_small_soak_gets_only_allowed_statuses_and_leaves_the_server_healthy(nan
     summary = json.loads(out.read_text())
     assert proc.returncode == 0, (summary["failures"], proc.stderr[-3000:])
     assert summary["passed"] and summary["sent"] == 160
-    assert set(summary["counts"]) == {"good", "bad_image", "cancelled", "deadline"}
+    assert set(summary["counts"]) == {"good", "bad_image", "cancelled", "deadline", "unauthenticated"}
+    assert set(summary["counts"]["unauthenticated"]) <= {"UNAUTHENTICATED", "PERMISSION_DENIED"}
     assert summary["counts"]["good"] == {"OK": summary["counts"]["good"]["OK"]}
     assert summary["counts"]["bad_image"] == {"INVALID_ARGUMENT": summary["counts"]["bad_image"]["INVALID_ARGUMENT"]}
     assert summary["health_end"] == "SERVING" and summary["exit_on_sigterm"] == 0
@@ -37,11 +38,11 @@ def test_small_soak_gets_only_allowed_statuses_and_leaves_the_server_healthy(nan
     assert summary["threads"]["end"] <= summary["threads"]["after_warmup"]
 
 
-def test_soak_refuses_the_unauthenticated_category_until_the_server_has_auth():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--mix", "good=1,unauthenticated=1"],
-                          capture_output=True, text=True, timeout=60)
+def test_soak_refuses_the_unauthenticated_category_without_auth():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--no-auth",
+                           "--mix", "good=1,unauthenticated=1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "unauthenticated" in proc.stderr and "auth" in proc.stderr
+    assert "unauthenticated" in proc.stderr and "--no-auth" in proc.stderr
 
 
 def test_soak_plan_splits_requests_by_weight_exactly():
@@ -50,7 +51,8 @@ def test_soak_plan_splits_requests_by_weight_exactly():
         from soak import plan
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    order = plan({"good": 45, "bad_image": 25, "cancelled": 15, "deadline": 15}, 2000, seed=0)
+    order = plan({"good": 40, "bad_image": 20, "cancelled": 15, "deadline": 15, "unauthenticated": 10}, 2000, seed=0)
     assert len(order) == 2000
-    assert {c: order.count(c) for c in set(order)} == {"good": 900, "bad_image": 500, "cancelled": 300, "deadline": 300}
+    assert {c: order.count(c) for c in set(order)} == {"good": 800, "bad_image": 400, "cancelled": 300,
+                                                        "deadline": 300, "unauthenticated": 200}
     assert order != sorted(order)  # shuffled
