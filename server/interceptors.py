@@ -223,6 +223,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             log.error("rpc=%s request_id=%s failed unexpectedly", call.rpc, call.request_id, exc_info=exc)
         detail = str(exc) if code is not grpc.StatusCode.INTERNAL else "internal error; the server log has the details"
         await self._record_failure(call, code, detail)
+        remaining = context.time_remaining()
+        if context.cancelled() or (remaining is not None and remaining <= 0):
+            # The client left, or its deadline passed as our own timer fired: grpc ends the call itself,
+            # and a status sent now races it (grpc logs an ExecuteBatchError with a traceback). Send none.
+            raise asyncio.CancelledError(f"rpc {call.rpc} ended before its status {code.name} could be sent")
         await context.abort(code, details_for(exc, call.request_id))
 
     async def _record_failure(self, call: _Call, code: grpc.StatusCode, detail: str) -> None:
