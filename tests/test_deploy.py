@@ -185,3 +185,14 @@ def test_healthcheck_exits_0_when_serving_and_1_when_nothing_listens():
     down = subprocess.run([sys.executable, str(script), f"127.0.0.1:{port}"], capture_output=True, text=True,
                           timeout=30)
     assert down.returncode == 1 and grpc.StatusCode.UNAVAILABLE.name in down.stderr
+
+
+def test_healthcheck_asks_about_the_named_service():
+    script = ROOT / "deploy" / "docker" / "healthcheck.py"
+    with serve_in_thread(FakeGuard()) as running:
+        known = subprocess.run([sys.executable, str(script), f"127.0.0.1:{running.port}",
+                                "--service", "medhallguard.v1.MedHallGuard"], capture_output=True, text=True, timeout=30)
+        unknown = subprocess.run([sys.executable, str(script), f"127.0.0.1:{running.port}", "--service", "nope"],
+                                 capture_output=True, text=True, timeout=30)
+    assert known.returncode == 0
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
