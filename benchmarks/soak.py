@@ -286,6 +286,32 @@ def proc_status(pid: int) -> dict[str, int]:
     return {"rss_bytes": fields["VmRSS"] * 1024, "threads": fields["Threads"]}
 
 
+class RssSampler:
+    """Samples the server's RSS every `interval_s` in a background thread while the load runs."""
+
+    def __init__(self, pid: int, interval_s: float = 1.0):
+        import threading
+
+        self.pid, self.interval_s, self.mib = pid, interval_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.mib.append(round(proc_status(self.pid)["rss_bytes"] / 2**20, 1))
+            except (OSError, KeyError):  # the process is gone; the summary says so
+                return
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def settle(pid: int, seconds: float) -> dict[str, int]:
     """Wait `seconds` for in-flight work (cancelled decodes, idle grpc threads) to finish, then sample."""
     time.sleep(seconds)
@@ -349,14 +375,16 @@ def soak(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
                     f"sending {args.requests} requests at concurrency {args.concurrency}")
                 bar = _progress(args.requests)
                 t0 = time.perf_counter()
-                results = asyncio.run(run_load(address, plan(mix, args.requests, args.seed), args.concurrency,
-                                               payloads, args.seed, token, progress=bar.update))
+                with RssSampler(proc.pid) as sampler:
+                    results = asyncio.run(run_load(address, plan(mix, args.requests, args.seed), args.concurrency,
+                                                   payloads, args.seed, token, progress=bar.update))
                 duration_s = time.perf_counter() - t0
                 bar.close()
                 after = settle(proc.pid, args.settle_s)
                 alive = proc.poll() is None
                 health, last = asyncio.run(check_serving(address, token)) if alive else ("process exited", "-")
                 summary.update(_tally(results, duration_s, before, after))
+                summary["rss_mib"]["during_run_every_1s"] = sampler.mib
                 summary.update(server_alive=alive, health_end=health, last_good_request=last)
         except RuntimeError as e:  # the server did not come up, or did not exit 0 on SIGTERM
             failures.append(str(e))

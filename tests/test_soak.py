@@ -23,7 +23,10 @@ def test_small_soak_gets_only_allowed_statuses_and_leaves_the_server_healthy(nan
     out = tmp_path / "soak.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--model", str(nano_models["smolvlm"]),
-         "--requests", "160", "--warmup", "64", "--concurrency", "32", "--settle-s", "2", "--out", str(out)],
+         "--requests", "160", "--warmup", "64", "--concurrency", "32", "--settle-s", "2", "--out", str(out),
+         # RSS moves by tens of MiB as the cyclic collector runs (see README, Soak and fuzz); the 10% bound
+         # is for the full run (`make soak`), this short one only catches gross growth.
+         "--max-rss-growth", "0.25"],
         capture_output=True, text=True, timeout=170,
     )
     summary = json.loads(out.read_text())
