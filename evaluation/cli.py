@@ -46,7 +46,7 @@ def evaluate(runner, out_dir: Path, data: list[Path] = (), score_answers: list[P
     # 1) data
     gen_sets = [_load(p, **load) for p in data]
     score_sets = [_load(p, **load) for p in score_answers]
-    for path, ds in zip(score_answers, score_sets):
+    for path, (ds, _) in zip(score_answers, score_sets):
         if any(e.model_answer is None for e in ds.examples):
             raise EvalInputError(f"{path} has rows without another model's answer: --score-answers takes scored "
                                  "prediction files (fields question, answer, result), e.g. "
@@ -72,9 +72,19 @@ def evaluate(runner, out_dir: Path, data: list[Path] = (), score_answers: list[P
     from evaluation.report import render_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    report = _finite(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
+
+
+def _finite(obj):
+    """NaN (an empty reliability bin, a metric with one class only) -> None, so report.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not np.isfinite(obj) else obj
 
 
 # --- loading ------------------------------------------------------------------

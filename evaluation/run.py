@@ -9,6 +9,7 @@ whichever way its numbers were made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Protocol
@@ -30,14 +31,19 @@ class InProcessRunner:
     """
 
     def __init__(self, path: str | Path, config_file: str | Path | None = None, bundle: bool = False):
-        from guard.runtime import GuardConfig, load_guard
         from server.config import split_config
 
-        self.server_config, tables = split_config(config_file)
-        config = GuardConfig.from_dict(tables)
+        self.server_config, self._tables = split_config(config_file)
+        self.path, self.bundle = Path(path), bundle
+
+    @functools.cached_property
+    def guard(self):
+        """Loaded on first use, so bad data files are reported before a model takes seconds to load."""
+        from guard.runtime import GuardConfig, load_guard
+
+        config = GuardConfig.from_dict(self._tables)
         config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, withhold_answer_on_abstain=False))
-        self.guard = load_guard(path, config, bundle=bundle)
-        self.path = Path(path)
+        return load_guard(self.path, config, bundle=self.bundle)
 
     def run(self, rpc: str, requests: list, desc: str) -> list:
         from tqdm.auto import tqdm
