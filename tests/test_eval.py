@@ -197,3 +197,12 @@ def test_eval_through_a_grpc_server(tmp_path):
     rows = (tmp_path / "out" / "predictions" / "val_negative_qa-filtered.predictions.jsonl").read_text().splitlines()
     assert [json.loads(r)["answer"] for r in rows] == ["No effusion is seen."] * 3
     assert report["generation"]["verdicts"]["negative"] == {"VERDICT_ANSWER": 3}
+
+
+def test_eval_help_shows_examples_and_the_judge_environment(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "examples:" in out and "MEDHALLGUARD_JUDGE_BASE_URL" in out
