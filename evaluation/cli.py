@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +65,7 @@ def evaluate(runner, out_dir: Path, data: list[Path] = (), score_answers: list[P
         curves.update(report["generation"].pop("_curves"))
     # 3) another model's answers
     if score_sets:
-        report["score_answers"] = _score_answers(runner, score_sets, hallucination_threshold)
+        report["score_answers"] = _score_answers(runner, score_sets, hallucination_threshold, text_metrics)
         curves.update(report["score_answers"].pop("_curves"))
     # 4) write
     png = gm.reliability_png(curves, out_dir / "reliability.png")
@@ -145,7 +146,7 @@ def _run_info(runner, data, gen_sets, score_paths, score_sets, threshold, max_ne
             versions[lib] = None
     blank = sum(ds.missing_images for ds, _ in list(gen_sets) + list(score_sets))
     return {
-        "command": "medhallguard eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
+        "command": shlex.join(["medhallguard", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "model": runner.describe(),
         "data": files(data, gen_sets),
@@ -275,7 +276,7 @@ def _judged(judge, examples, responses, splits, threshold, log) -> dict:
 # --- 3) another model's answers ----------------------------------------------
 
 
-def _score_answers(runner, sets, threshold) -> dict:
+def _score_answers(runner, sets, threshold, text_metrics: bool = True) -> dict:
     from training.data import SCORE_NAMES
     from training.evaluate import score_requests
 
@@ -292,7 +293,10 @@ def _score_answers(runner, sets, threshold) -> dict:
     labelled = np.isfinite(gpt[:, 0])
     halluc = {s: gm.binary(hallucinated[idx[labelled[idx]]], p_hall[idx[labelled[idx]]]) for s, idx in splits.items()}
     premise = gm.binary([e.polarity == "negative" for e in examples], gm.probability_of(responses, "premise_risk"))
+    out = {"reference": _reference_by_split([e.model_answer for e in examples], [e.answer for e in examples], splits)
+           } if text_metrics else {}
     return {
+        **out,
         "questions": _polarity_counts(examples),
         "gpt4o_mean_scores": {s: {n: gm.safe(np.nanmean(gpt[idx, k])) if len(idx) else None
                                   for k, n in enumerate(SCORE_NAMES)} for s, idx in splits.items()},
@@ -377,6 +381,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
+    from evaluation.judge import JudgeError
     from training.data import MissingImagesError
 
     try:
@@ -390,6 +395,9 @@ def _run(args) -> int:
     except (EvalInputError, MissingImagesError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JudgeError as e:
+        print(f"error: LLM judge: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         code = _status_of(e)
         if code is None:

@@ -65,7 +65,7 @@ def reliability_png(curves: dict[str, list[dict]], path: Path) -> Path | None:
         ax.plot([b["confidence"] for b in used], [b["observed"] for b in used], marker="o", label=name)
     ax.set(xlabel="predicted probability (bin mean)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1),
            title="Reliability of the guard's probabilities")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

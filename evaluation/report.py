@@ -97,6 +97,8 @@ def _generation(g: dict) -> list[str]:
 
 def _scored(s: dict) -> list[str]:
     out = ["## The guard on another model's answers (`--score-answers`, teacher forcing)", ""]
+    if "reference" in s:
+        out += _table("their answers vs reference answer", [(LABELS[k], _by_split(s["reference"], k)) for k in METRICS])
     out += _table("mean score: GPT-4o / guard",
                   [(n, [f"{_fmt(s['gpt4o_mean_scores'][c][n], 2)} / {_fmt(s['guard_mean_scores'][c][n], 2)}"
                         for c in _COLUMNS]) for n in SCORE_NAMES])

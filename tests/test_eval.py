@@ -121,6 +121,7 @@ def test_score_answers_correlates_the_guard_with_gpt4o_and_derives_the_label_fro
     assert s["gpt4o_mean_scores"]["positive"]["clinical_accuracy"] == pytest.approx(
         sum(g[0] for g in gpt[:8]) / 8, abs=1e-3)
     assert 0.0 <= s["premise_risk"]["auroc"] <= 1.0
+    assert 0.0 < s["reference"]["all"]["rouge1"] < 1.0  # LLaVA-Med's answers vs GPT-4's reference answers
     assert (tmp_path / "out" / "reliability.png").stat().st_size > 1000
     assert not (tmp_path / "out" / "predictions").exists()  # scoring writes no upload file
 
