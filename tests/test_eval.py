@@ -234,3 +234,19 @@ def test_eval_help_shows_examples_and_the_judge_environment(capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "examples:" in out and "MEDHALLGUARD_JUDGE_BASE_URL" in out
+
+
+def test_exclude_images_in_drops_rows_of_those_images_and_counts_them(runner, tmp_path):
+    from evaluation.cli import EvalInputError, evaluate
+
+    data = _slice(VAL["positive"], tmp_path, 7)  # rows 1-5 share one image, rows 6-7 have another
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    train = tmp_path / "train_negative.jsonl"  # stands in for a model's training data
+    train.write_text(json.dumps({**rows[0], "question_id": 99}) + "\n")
+    report = evaluate(runner, tmp_path / "out", [data], allow_missing_images=True, max_new_tokens=2,
+                      text_metrics=False, exclude_images_in=[train], log=lambda *_: None)
+    kept = sum(r["image"] != rows[0]["image"] for r in rows)
+    assert kept == 2 and report["generation"]["questions"]["positive"] == 2
+    assert report["run"]["data"][0]["excluded_rows"] == 5
+    with pytest.raises(EvalInputError, match="no rows .* left"):
+        evaluate(runner, tmp_path / "out", [train], allow_missing_images=True, exclude_images_in=[train])
