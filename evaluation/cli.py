@@ -138,7 +138,8 @@ def _run_info(runner, data, gen_sets, score_paths, score_sets, threshold, max_ne
     def files(paths, sets):
         return [{"path": str(p), "sha256": next(iter(ds.sha256.values())), "rows": len(ds.examples),
                  "by_polarity": _polarity_counts(ds.examples), "excluded_rows": excluded,
-                 "missing_images": ds.missing_images} for p, (ds, excluded) in zip(paths, sets)]
+                 "missing_images": ds.missing_images, "skipped_malformed_rows": ds.malformed_rows}
+                for p, (ds, excluded) in zip(paths, sets)]
 
     versions = {}
     for lib in _LIBRARIES:

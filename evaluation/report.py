@@ -49,7 +49,9 @@ def render_markdown(r: dict) -> str:
     for f in run["data"] + run["score_answers"]:
         out.append(f"- `{f['path']}`: {f['rows']} rows ({f['by_polarity']['positive']} positive, "
                    f"{f['by_polarity']['negative']} negative), sha256 {f['sha256'][:12]}..."
-                   + (f", {f['excluded_rows']} rows excluded by image" if f["excluded_rows"] else ""))
+                   + (f", {f['excluded_rows']} rows excluded by image" if f["excluded_rows"] else "")
+                   + (f", {len(f['skipped_malformed_rows'])} malformed rows SKIPPED" if f.get("skipped_malformed_rows")
+                      else ""))
     if run["blank_images"]:
         out += ["", f"> **{run['blank_images']} rows had no image file and were run on a blank image.** "
                     f"{run['blank_image_note']}"]

@@ -250,3 +250,18 @@ def test_exclude_images_in_drops_rows_of_those_images_and_counts_them(runner, tm
     assert report["run"]["data"][0]["excluded_rows"] == 5
     with pytest.raises(EvalInputError, match="no rows .* left"):
         evaluate(runner, tmp_path / "out", [train], allow_missing_images=True, exclude_images_in=[train])
+
+
+def test_skip_malformed_skips_and_reports_the_bad_line(runner, tmp_path):
+    from evaluation.cli import evaluate
+
+    src = VAL["negative"].read_text().splitlines()
+    bad = tmp_path / "val_negative_qa-filtered.jsonl"
+    bad.write_text("\n".join([src[0], "not json", src[2]]) + "\n")
+    logged = []
+    report = evaluate(runner, tmp_path / "out", [bad], allow_missing_images=True, skip_malformed=True,
+                      max_new_tokens=2, text_metrics=False, log=logged.append)
+    assert report["generation"]["questions"]["negative"] == 2
+    assert any(line.startswith("skipped:") and "row 2" in line for line in logged)
+    assert "1 malformed rows SKIPPED" in (tmp_path / "out" / "report.md").read_text()
+    assert "row 2" in report["run"]["data"][0]["skipped_malformed_rows"][0]
