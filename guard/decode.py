@@ -45,6 +45,59 @@ def sample(logp: np.ndarray, temperature: float, rng: np.random.Generator) -> in
     return int(rng.choice(p.shape[0], p=p / p.sum()))
 
 
+class Sequence:
+    """One answer being decoded: its sampler, its tokens so far and the features the guard reads.
+
+    The unbatched loop below and the batch scheduler (guard/batching.py) both
+    feed it one distribution at a time, so a sequence decodes the same either way.
+    """
+
+    def __init__(self, config: DecodeConfig, eos_token_ids: tuple[int, ...],
+                 on_token: Callable[[int], None] | None = None):
+        self.config, self.eos_token_ids, self.on_token = config, eos_token_ids, on_token
+        self.rng = np.random.default_rng(config.seed)
+        self.tokens: list[int] = []
+        self._logprobs, self._entropies, self._mids, self._lasts = [], [], [], []
+        self._prompt: tuple[np.ndarray, np.ndarray] | None = None
+        self.stop_reason = "length"
+
+    def push(self, logits: np.ndarray, h_mid: np.ndarray, h_last: np.ndarray) -> int | None:
+        """Take the distribution at the newest position ([V], [D], [D]) and pick a token.
+
+        Returns the token to feed back, or None when the sequence is complete.
+        """
+        if self._prompt is None:  # the first distribution comes from the last prompt position
+            self._prompt = (h_mid, h_last)
+        logp = log_softmax(logits)
+        token = sample(logp, self.config.temperature, self.rng)
+        self.tokens.append(token)
+        self._logprobs.append(logp[token])
+        self._entropies.append(entropy(logp))
+        self._mids.append(h_mid)
+        self._lasts.append(h_last)
+        if token in self.eos_token_ids and not self.config.ignore_eos:
+            self.stop_reason = "eos"
+            return None
+        if self.on_token is not None:
+            self.on_token(token)
+        return None if len(self.tokens) == self.config.max_new_tokens else token
+
+    def result(self, prefill_ms: float = 0.0, decode_ms: float = 0.0) -> Generation:
+        assert self._prompt is not None, "a sequence yields a result only after its first token"
+        return Generation(
+            token_ids=list(self.tokens),
+            logprobs=np.array(self._logprobs, np.float32),
+            entropies=np.array(self._entropies, np.float32),
+            hidden_mid=np.stack(self._mids).astype(np.float32),
+            hidden_last=np.stack(self._lasts).astype(np.float32),
+            prompt_hidden_mid=self._prompt[0].astype(np.float32),
+            prompt_hidden_last=self._prompt[1].astype(np.float32),
+            stop_reason=self.stop_reason,
+            prefill_ms=prefill_ms,
+            decode_ms=decode_ms,
+        )
+
+
 def generate(
     backend: Backend,
     prompt_embeds: np.ndarray,
@@ -54,62 +107,29 @@ def generate(
     on_token: Callable[[int], None] | None = None,
 ) -> Generation:
     """prompt_embeds: [1, S, D] with the image already spliced in."""
-    rng = np.random.default_rng(config.seed)
     stop = stop or StopSignal()
+    seq = Sequence(config, eos_token_ids, on_token)
     seq_len = prompt_embeds.shape[1]
 
     # 1) Prefill the whole prompt in one call; its last position predicts token 0.
     t0 = time.perf_counter()
     stop.check()
-    cache = backend.new_cache(1)
     out, cache = backend.forward(
-        prompt_embeds, np.ones((1, seq_len), np.int64), np.arange(seq_len, dtype=np.int64)[None], cache
+        prompt_embeds, np.ones((1, seq_len), np.int64), np.arange(seq_len, dtype=np.int64)[None], backend.new_cache(1)
     )
-    logits, h_mid, h_last = out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1]
-    prompt_mid, prompt_last = h_mid, h_last
+    token = seq.push(out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1])
     t1 = time.perf_counter()
 
-    # 2) Decode: pick a token, record what produced it, feed it back.
-    tokens, logprobs, entropies, mids, lasts = [], [], [], [], []
-    stop_reason = "length"
-    for step in range(config.max_new_tokens):
-        logp = log_softmax(logits)
-        token = sample(logp, config.temperature, rng)
-        tokens.append(token)
-        logprobs.append(logp[token])
-        entropies.append(entropy(logp))
-        mids.append(h_mid)
-        lasts.append(h_last)
-        if token in eos_token_ids and not config.ignore_eos:
-            stop_reason = "eos"
-            break
-        if on_token is not None:
-            on_token(token)
-        if step == config.max_new_tokens - 1:
-            break
+    # 2) Decode: feed the picked token back, one position at a time, until the sequence is complete.
+    while token is not None:
         stop.check()
-        pos = seq_len + step
+        pos = seq_len + len(seq.tokens) - 1
         out, cache = backend.forward(
-            backend.embed(np.array([[token]], np.int64)),
-            np.ones((1, pos + 1), np.int64),
-            np.array([[pos]], np.int64),
+            backend.embed(np.array([[token]], np.int64)), np.ones((1, pos + 1), np.int64), np.array([[pos]], np.int64),
             cache,
         )
-        logits, h_mid, h_last = out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1]
-    t2 = time.perf_counter()
-
-    return Generation(
-        token_ids=tokens,
-        logprobs=np.array(logprobs, np.float32),
-        entropies=np.array(entropies, np.float32),
-        hidden_mid=np.stack(mids).astype(np.float32),
-        hidden_last=np.stack(lasts).astype(np.float32),
-        prompt_hidden_mid=prompt_mid.astype(np.float32),
-        prompt_hidden_last=prompt_last.astype(np.float32),
-        stop_reason=stop_reason,
-        prefill_ms=(t1 - t0) * 1e3,
-        decode_ms=(t2 - t1) * 1e3,
-    )
+        token = seq.push(out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1])
+    return seq.result(prefill_ms=(t1 - t0) * 1e3, decode_ms=(time.perf_counter() - t1) * 1e3)
 
 
 def teacher_force(

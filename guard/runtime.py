@@ -17,6 +17,7 @@ import numpy as np
 
 from guard import decode
 from guard.backends import Backend, load_backend
+from guard.batching import BatchingConfig, BatchScheduler
 from guard.errors import InvalidRequestError, ModelLoadError
 from guard.head import UNCERTAINTY_FEATURES, GuardHeads
 from guard.manifest import MANIFEST_FILE, is_bundle
@@ -26,6 +27,7 @@ from guard.prompt import Prompter
 from guard.spec import HEADS_FILE
 from guard.types import (
     DecodeConfig,
+    Generation,
     GuardResult,
     GuardScores,
     ModelInfo,
@@ -68,6 +70,7 @@ class GuardConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: ImageLimits = field(default_factory=ImageLimits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GuardConfig":
@@ -93,6 +96,11 @@ class Guard:
         self.heads = heads
         self.config = config
         self.spec = backend.spec
+        self.batcher = (
+            BatchScheduler(backend, config.batching, self.spec.image_token_id, self.spec.eos_token_ids)
+            if config.batching.enabled else None
+        )
+        """Shares the decoder among concurrent answer() calls; None runs each call on its own."""
 
     def answer(
         self, req: VqaRequest, stop: StopSignal | None = None, on_text: Callable[[str], None] | None = None
@@ -104,24 +112,19 @@ class Guard:
         t = time.perf_counter()
         pixels = preprocess(req.image, req.media_type, self.spec.preprocess, self.config.limits)[None]
         timings.preprocess_ms = _ms_since(t)
-        # 2) Vision encoder -> prompt embeddings with the image spliced in.
-        t = time.perf_counter()
-        prompt_embeds = self._prompt_embeds(req.question, pixels)
-        timings.vision_ms = _ms_since(t)
-        # 3) Decode, or teacher-force an answer produced elsewhere.
+        # 2) Vision encoder, then 3) decode, batched with other requests when batching is on;
+        #    or teacher-force an answer produced elsewhere (never batched).
         if req.answer is None:
             streamer = _TextStreamer(self.prompter, on_text) if on_text else None
-            gen = decode.generate(
-                self.backend, prompt_embeds, self.spec.eos_token_ids, req.decode, stop, streamer and streamer.on_token
-            )
+            gen = self._generate(req.question, pixels, req.decode, stop, streamer and streamer.on_token)
             text = self.prompter.decode(gen.token_ids)
             if streamer:
                 streamer.flush(text)
         else:
             answer_ids = self.prompter.encode_answer(req.answer) + [self.spec.eos_token_ids[0]]
-            gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop)
+            gen = self._teacher_force(req.question, pixels, answer_ids, stop)
             text = req.answer
-        timings.prefill_ms, timings.decode_ms = gen.prefill_ms, gen.decode_ms
+        timings.vision_ms, timings.prefill_ms, timings.decode_ms = gen.vision_ms, gen.prefill_ms, gen.decode_ms
         # 4) Guard heads -> scores; 5) policy -> verdict. Fails closed on any scoring error.
         t = time.perf_counter()
         scores = self._score(gen, req.request_id)
@@ -148,8 +151,32 @@ class Guard:
             raise InvalidRequestError("`answer` is empty; Score needs the answer text to judge")
         return self.answer(req, stop)
 
-    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> np.ndarray:
+    def _generate(self, question: str, pixels: np.ndarray, config: DecodeConfig, stop: StopSignal | None,
+                  on_token: Callable[[int], None] | None) -> Generation:
         ids = self.prompter.encode_prompt(question)
+        if self.batcher is not None:
+            return self.batcher.generate(ids, pixels[0], config, stop, on_token)
+        t = time.perf_counter()
+        prompt_embeds = self._embed_prompt(ids, pixels)
+        vision_ms = _ms_since(t)
+        gen = decode.generate(self.backend, prompt_embeds, self.spec.eos_token_ids, config, stop, on_token)
+        gen.vision_ms = vision_ms
+        return gen
+
+    def _teacher_force(self, question: str, pixels: np.ndarray, answer_ids: list[int],
+                       stop: StopSignal | None) -> Generation:
+        t = time.perf_counter()
+        prompt_embeds = self._prompt_embeds(question, pixels)
+        vision_ms = _ms_since(t)
+        gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop)
+        gen.vision_ms = vision_ms
+        return gen
+
+    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> np.ndarray:
+        return self._embed_prompt(self.prompter.encode_prompt(question), pixels)
+
+    def _embed_prompt(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        """ids [S] with image slots, pixels [1,3,H,W] -> prompt embeddings [1,S,D] with the image spliced in."""
         features = self.backend.encode_image(pixels)
         return decode.splice_image(self.backend.embed(ids[None]), ids, features, self.spec.image_token_id)
 

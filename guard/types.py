@@ -70,6 +70,8 @@ class Generation:
     stop_reason: str  # "eos" | "length"
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    vision_ms: float = 0.0
+    """Vision encoder (and prompt embedding); with batching, the encoder call this request's image shared."""
 
 
 class VerdictKind(enum.Enum):

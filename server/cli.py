@@ -30,7 +30,7 @@ _EXTERNAL = {
     "eval": ("evaluation.cli:add_parser", "answer MedHallTune-format questions: upload file, reference and guard metrics"),
 }
 
-_EXIT_CODES = {"INVALID_ARGUMENT": 2, "UNAVAILABLE": 3}  # any other failure exits 1
+_EXIT_CODES = {"INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "UNAUTHENTICATED": 4, "PERMISSION_DENIED": 4}  # else 1
 _SERVICE = "medhallguard.v1.MedHallGuard"
 _CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -115,12 +115,17 @@ def _add_serve(sub) -> None:
             "  MEDHALLGUARD_MODEL      model directory or export bundle (--model)\n"
             "  MEDHALLGUARD_CONFIG     TOML config file (--config)\n"
             "  MEDHALLGUARD_ADDRESS    HOST:PORT to listen on (--address)\n"
-            "  MEDHALLGUARD_LOG_LEVEL  DEBUG, INFO, WARNING or ERROR (--log-level)\n\n"
+            "  MEDHALLGUARD_LOG_LEVEL  DEBUG, INFO, WARNING or ERROR (--log-level)\n"
+            "  MEDHALLGUARD_LOG_FORMAT text or json (--log-format)\n"
+            "  MEDHALLGUARD_AUTH_TOKENS  bearer tokens, comma-separated CLIENT_NAME:TOKEN (never a flag)\n\n"
             "examples:\n"
             "  medhallguard serve --model runs/smolvlm --config examples/demo.toml\n"
             "  medhallguard serve --model runs/smolvlm --address 127.0.0.1:0   # prints the port it got\n"
             "  medhallguard serve --bundle bundles/smolvlm-int8   # onnxruntime, no torch needed\n"
-            "  medhallguard serve --model runs/smolvlm --port 0 --max-concurrency 4 --max-queue 16"
+            "  medhallguard serve --model runs/smolvlm --port 0 --max-concurrency 4 --max-queue 16\n"
+            "  medhallguard serve --model runs/smolvlm --tls-cert server.pem --tls-key server.key \\\n"
+            "      --tls-client-ca clients-ca.pem --auth-tokens-file /etc/medhallguard/tokens \\\n"
+            "      --metrics-address 0.0.0.0:9464 --audit-log /var/log/medhallguard/audit.jsonl --log-format json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -144,6 +149,22 @@ def _add_serve(sub) -> None:
     p.add_argument("--grace-s", type=float, metavar="S", help="shutdown grace for in-flight requests (default 10)")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="default: $MEDHALLGUARD_LOG_LEVEL or INFO")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="json: one object per line with the request id (default: $MEDHALLGUARD_LOG_FORMAT or text)")
+    sec = p.add_argument_group("security (see README: Security)")
+    sec.add_argument("--tls-cert", metavar="PEM", help="server certificate chain; with --tls-key turns TLS on")
+    sec.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key")
+    sec.add_argument("--tls-client-ca", metavar="PEM",
+                     help="CA that signs client certificates: turns mutual TLS on (clients must present one)")
+    sec.add_argument("--auth-tokens-file", metavar="FILE",
+                     help="bearer tokens, one CLIENT_NAME:TOKEN per line; turns auth on (also $MEDHALLGUARD_AUTH_TOKENS)")
+    sec.add_argument("--insecure-auth", dest="allow_insecure_auth", action="store_const", const=True,
+                     help="allow bearer tokens without TLS (clear text): loopback tests only")
+    obs = p.add_argument_group("observability and audit (see README: Observability, Audit log)")
+    obs.add_argument("--metrics-address", metavar="HOST:PORT",
+                     help="serve Prometheus /metrics over HTTP here (default: off; port 0 picks one)")
+    obs.add_argument("--audit-log", metavar="FILE.jsonl",
+                     help="write one fsync'd JSON line per request here (default: off)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -153,11 +174,12 @@ def _cmd_serve(args) -> int:
     overrides = {
         name: getattr(args, name)
         for name in ("address", "max_concurrency", "max_queue", "default_deadline_s", "max_message_bytes",
-                     "max_question_chars", "grace_s")
+                     "max_question_chars", "grace_s", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
+                     "allow_insecure_auth", "metrics_address", "audit_log")
     }
     try:
         return server_main.serve(args.model, args.config, overrides, port=args.port, log_level=args.log_level,
-                                 bundle=args.bundle)
+                                 bundle=args.bundle, log_format=args.log_format)
     except (ValueError, OSError) as e:  # bad config, unreadable file, port in use
         raise _Failure("INVALID_ARGUMENT" if isinstance(e, ValueError) else "UNAVAILABLE", str(e)) from None
     except Exception as e:
@@ -183,6 +205,12 @@ def _add_target(p, what: str) -> None:
     p.add_argument("--wait-ready", type=float, default=0.0, metavar="S",
                    help="with --server: first wait up to S seconds for health to report SERVING")
     p.add_argument("--json", action="store_true", help="print one JSON object (proto field names) instead of a layout")
+    conn = p.add_argument_group("connecting to a secured --server (see README: Security)")
+    conn.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA roots")
+    conn.add_argument("--ca-cert", metavar="PEM", help="use TLS, trusting this CA (implies --tls)")
+    conn.add_argument("--client-cert", metavar="PEM", help="client certificate for mutual TLS (with --client-key)")
+    conn.add_argument("--client-key", metavar="PEM", help="the client certificate's private key")
+    conn.add_argument("--token-file", metavar="FILE", help="file whose first line is the bearer token to send")
 
 
 def _add_image(p) -> None:
@@ -198,12 +226,15 @@ def _add_ask(sub) -> None:
         help="ask a question about an image; prints the answer with the guard's verdict",
         description="Ask a question about an image and print the answer, the verdict, the risk scores and timings.",
         epilog=(
-            "exit status: 0 ok, 2 invalid argument (bad image, question or settings), 3 server unavailable, 1 other\n\n"
+            "exit status: 0 ok, 2 invalid argument (bad image, question or settings), 3 server unavailable,\n"
+            "4 not authorized (missing or wrong token), 1 other\n\n"
             "examples:\n"
             '  medhallguard ask --server 127.0.0.1:50051 --image chest.png "Is there a pleural effusion?"\n'
             '  medhallguard ask --server 127.0.0.1:50051 --image ct.dcm --stream "What organ is shown?"\n'
             '  medhallguard ask --model runs/smolvlm --image chest.jpg --json --max-new-tokens 32 "Any fracture?"\n'
-            '  medhallguard ask --server 127.0.0.1:50051 --wait-ready 60 --image chest.png "Any nodule?"'
+            '  medhallguard ask --server 127.0.0.1:50051 --wait-ready 60 --image chest.png "Any nodule?"\n'
+            '  medhallguard ask --server guard.internal:443 --ca-cert ca.pem --client-cert me.pem --client-key me.key \\\n'
+            '      --token-file ~/.medhallguard-token --image chest.png "Is there a pneumothorax?"'
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -315,19 +346,26 @@ def _call(args, rpc: str, request):
 def _call_remote(args, rpc: str, request, on_delta):
     import grpc
 
+    from server import security
     from server.pb.medhallguard.v1 import guard_pb2_grpc as pb_grpc
 
     options = [("grpc.max_receive_message_length", _CLIENT_MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", _CLIENT_MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(args.server, options=options) as channel:
+    try:
+        metadata = security.auth_metadata(security.read_token(args.token_file) if args.token_file else None)
+        channel = security.client_channel(args.server, args.ca_cert, args.client_cert, args.client_key,
+                                          tls=args.tls, options=options)
+    except ValueError as e:  # unreadable or mismatched --ca-cert/--client-cert/--client-key/--token-file
+        raise _Failure("INVALID_ARGUMENT", str(e)) from None
+    with channel:
         try:
             if args.wait_ready:
-                _wait_ready(channel, args.server, args.wait_ready)
+                _wait_ready(channel, args.server, args.wait_ready, metadata)
             stub = pb_grpc.MedHallGuardStub(channel)
             if rpc != "AskStream":
-                return getattr(stub, rpc)(request, timeout=args.timeout)
+                return getattr(stub, rpc)(request, timeout=args.timeout, metadata=metadata)
             final = None
-            for message in stub.AskStream(request, timeout=args.timeout):
+            for message in stub.AskStream(request, timeout=args.timeout, metadata=metadata):
                 if message.WhichOneof("event") == "final":
                     final = message.final
                 elif on_delta is not None:
@@ -339,7 +377,7 @@ def _call_remote(args, rpc: str, request, on_delta):
             raise _Failure(e.code().name, e.details() or "") from None
 
 
-def _wait_ready(channel, server: str, timeout_s: float) -> None:
+def _wait_ready(channel, server: str, timeout_s: float, metadata=()) -> None:
     """Poll the health service until MedHallGuard is SERVING; a refused connection counts as not yet."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -349,7 +387,7 @@ def _wait_ready(channel, server: str, timeout_s: float) -> None:
     status = "not reachable"
     while True:
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=1.0)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=_SERVICE), timeout=1.0, metadata=metadata)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

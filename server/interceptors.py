@@ -3,8 +3,13 @@
 Servicers raise the runtime's typed errors and never pick a status code;
 `STATUS_FOR_ERROR` below is the whole mapping. Anything not in it is a bug:
 the client gets INTERNAL with the request id (never the traceback), and the
-traceback goes to the log. The interceptor also gives every request an id
-before the servicer sees it, and writes one log line per request.
+traceback goes to the log.
+
+Around every MedHallGuard call, in this order: give it a request id (also in
+every log line, via server.logs), check its bearer token (server.security),
+refuse it while draining, run the servicer, then write the audit entry
+(fsync'd before the response leaves), count it in the metrics, log one line.
+Health and reflection pass through, behind the token check when configured.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from guard import errors
+from server import logs
+from server.audit import AuditWriteError
+from server.security import PermissionDeniedError, UnauthenticatedError, client_identity
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +38,13 @@ STATUS_FOR_ERROR: dict[type[Exception], grpc.StatusCode] = {
     errors.CancelledError: grpc.StatusCode.CANCELLED,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ModelLoadError: grpc.StatusCode.UNAVAILABLE,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    AuditWriteError: grpc.StatusCode.UNAVAILABLE,
 }
 
 SERVICE_PREFIX = "/medhallguard.v1.MedHallGuard/"
+DRAINING = "server is draining: it is shutting down and takes no new requests; retry on another replica"
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -49,84 +62,188 @@ def details_for(exc: BaseException, request_id: str) -> str:
     return f"{exc} (request_id={request_id})" if request_id else str(exc)
 
 
+@dataclass
+class _Call:
+    """What the interceptor knows about one RPC while it runs."""
+
+    rpc: str
+    request: Any
+    request_id: str
+    client: str
+    peer: str
+    t0: float
+    recorded: bool = False
+    """True once the call's outcome is audited and counted."""
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every MedHallGuard method: request id, error -> status, one log line."""
+    """Wraps every MedHallGuard method: request id, auth, drain, error -> status, audit, metrics, log line.
+
+    `auth` (server.security.Auth), `audit` (server.audit.AuditLog) and `metrics`
+    (server.metrics.Metrics) are each optional; `model_checksum` names the model
+    in audit entries of calls that failed before the model answered.
+    """
+
+    def __init__(self, auth=None, audit=None, metrics=None, model_checksum: str = ""):
+        self.auth, self.audit, self.metrics, self.model_checksum = auth, audit, metrics, model_checksum
+        self.draining = False
+        """Set on shutdown: new MedHallGuard calls get UNAVAILABLE, in-flight ones finish."""
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler  # health and reflection pass through untouched
+        if handler is None:
+            return None
+        if not method.startswith(SERVICE_PREFIX):  # health and reflection
+            if self.auth is not None and self.auth.required_for(method):
+                try:
+                    self.auth.client_for(handler_call_details.invocation_metadata)
+                except (UnauthenticatedError, PermissionDeniedError) as exc:
+                    return _refusal(handler, status_for(exc), str(exc))
+            return handler
         name = method[len(SERVICE_PREFIX) :]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(name, handler.unary_unary),
+                self._wrap_unary(name, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(name, handler.unary_stream),
+                self._wrap_stream(name, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         raise AssertionError(f"{method}: only unary and server-streaming methods are wrapped")
 
-
-def _wrap_unary(name: str, behavior: Callable[[Any, Any], Awaitable[Any]]):
-    async def unary(request, context):
-        request_id, t0 = _assign_request_id(request), time.perf_counter()
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no MedHallGuard call is in flight, at most timeout_s; -> whether that happened."""
+        if self._idle.is_set():
+            return True
         try:
-            response = await behavior(request, context)
-        except BaseException as exc:
-            await _fail(exc, name, request_id, t0, context)
-            raise
-        _log_request(name, request_id, grpc.StatusCode.OK, _verdict_name(response), t0)
-        return response
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
 
-    return unary
+    def _wrap_unary(self, name: str, behavior: Callable[[Any, Any], Awaitable[Any]]):
+        async def unary(request, context):
+            call = self._begin(name, request, context)
+            try:
+                self._admit(call, context)
+                response = await behavior(request, context)
+                await self._record(call, grpc.StatusCode.OK, response)  # audit is on disk before we return
+                return response
+            except BaseException as exc:
+                await self._fail(exc, call, context)
+                raise
+            finally:
+                self._end()
 
+        return unary
 
-def _wrap_stream(name: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]):
-    async def unary_stream(request, context):
-        request_id, t0, verdict = _assign_request_id(request), time.perf_counter(), "-"
+    def _wrap_stream(self, name: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]):
+        async def unary_stream(request, context):
+            call = self._begin(name, request, context)
+            try:
+                self._admit(call, context)
+                async for message in behavior(request, context):
+                    if message.WhichOneof("event") == "final":
+                        await self._record(call, grpc.StatusCode.OK, message.final)  # before the verdict is sent
+                    yield message
+            except BaseException as exc:
+                await self._fail(exc, call, context)
+                raise
+            finally:
+                self._end()
+
+        return unary_stream
+
+    def _begin(self, name: str, request, context) -> _Call:
+        request_id = _assign_request_id(request)
+        logs.request_id.set(request_id)  # this RPC's task (and the worker it starts) logs with it
+        self.in_flight += 1
+        self._idle.clear()
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
+        return _Call(name, request, request_id, client_identity(context, None), context.peer(), time.perf_counter())
+
+    def _admit(self, call: _Call, context) -> None:
+        """Check the caller's token (raises the auth errors), then refuse if the server is draining."""
+        if self.auth is not None:
+            call.client = client_identity(context, self.auth.client_for(context.invocation_metadata()))
+        if self.draining:
+            raise errors.BackendUnavailableError(DRAINING)
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+
+    async def _record(self, call: _Call, code: grpc.StatusCode, response, error: str = "") -> None:
+        """Audit (fsync'd; raises AuditWriteError), count and log one finished call."""
+        if self.audit is not None:
+            entry = self.audit.entry(call.rpc, call.request_id, call.client, call.peer, call.request, response,
+                                     code, error, self.model_checksum)
+            await asyncio.to_thread(self.audit.write, entry)
+        call.recorded = True
+        if self.metrics is not None:
+            self.metrics.observe_call(call.rpc, code, response, time.perf_counter() - call.t0)
+        _log_request(call, code, _verdict_name(response) if response is not None else "-", error)
+
+    async def _fail(self, exc: BaseException, call: _Call, context) -> None:
+        """Record the failure and abort the RPC with the mapped status; returns only for non-errors."""
+        if isinstance(exc, grpc.aio.AbortError):
+            return  # someone already chose the status (and recorded it)
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # The client went away or grpc's own deadline fired; grpc has sent the status.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            if not call.recorded:  # a stream whose final message was recorded, then not delivered, stays OK
+                await self._record_failure(call, code, "deadline exceeded" if expired else "the client cancelled")
+            return
+        if not isinstance(exc, Exception):
+            return  # KeyboardInterrupt, SystemExit: not ours to translate
+        code = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("rpc=%s request_id=%s failed unexpectedly", call.rpc, call.request_id, exc_info=exc)
+        detail = str(exc) if code is not grpc.StatusCode.INTERNAL else "internal error; the server log has the details"
+        await self._record_failure(call, code, detail)
+        await context.abort(code, details_for(exc, call.request_id))
+
+    async def _record_failure(self, call: _Call, code: grpc.StatusCode, detail: str) -> None:
         try:
-            async for message in behavior(request, context):
-                if message.WhichOneof("event") == "final":
-                    verdict = _verdict_name(message.final)
-                yield message
-        except BaseException as exc:
-            await _fail(exc, name, request_id, t0, context)
-            raise
-        _log_request(name, request_id, grpc.StatusCode.OK, verdict, t0)
-
-    return unary_stream
+            await self._record(call, code, None, detail)
+        except (AuditWriteError, asyncio.CancelledError) as e:  # the status still goes out; the log says why
+            log.error("rpc=%s request_id=%s: no audit entry for this failure: %s", call.rpc, call.request_id, e)
 
 
-async def _fail(exc: BaseException, name: str, request_id: str, t0: float, context) -> None:
-    """Log the failure and abort the RPC with the mapped status; returns only for non-errors."""
-    if isinstance(exc, grpc.aio.AbortError):
-        return  # someone already chose the status
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        # The client went away or grpc's own deadline fired; grpc has sent the status.
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-        _log_request(name, request_id, code, "-", t0)
-        return
-    if not isinstance(exc, Exception):
-        return  # KeyboardInterrupt, SystemExit: not ours to translate
-    code = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("rpc=%s request_id=%s failed unexpectedly", name, request_id, exc_info=exc)
-    _log_request(name, request_id, code, "-", t0, detail=str(exc) if code is not grpc.StatusCode.INTERNAL else "")
-    await context.abort(code, details_for(exc, request_id))
+def _refusal(handler, code: grpc.StatusCode, details: str):
+    """A handler of the same kind as `handler` that aborts every call with (code, details)."""
+
+    async def refuse(request_or_iterator, context):
+        await context.abort(code, details)
+
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        if getattr(handler, kind) is not None:
+            return getattr(grpc, f"{kind}_rpc_method_handler")(
+                refuse,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise AssertionError("a handler with no behavior")
 
 
 def _assign_request_id(request) -> str:
-    """Give the request an id if the client sent none, so logs and errors can name it."""
+    """Give the request an id if the client sent none, so logs, audit entries and errors can name it."""
     if "request_id" not in type(request).DESCRIPTOR.fields_by_name:
-        return ""
+        return uuid.uuid4().hex  # e.g. GetModelInfo: the id lives in the server's records only
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
     return request.request_id
@@ -138,14 +255,17 @@ def _verdict_name(response) -> str:
     return type(response).DESCRIPTOR.fields_by_name["verdict"].enum_type.values_by_number[response.verdict].name
 
 
-def _log_request(name: str, request_id: str, code: grpc.StatusCode, verdict: str, t0: float, detail: str = "") -> None:
-    total_ms = (time.perf_counter() - t0) * 1e3
+def _log_request(call: _Call, code: grpc.StatusCode, verdict: str, detail: str = "") -> None:
+    total_ms = (time.perf_counter() - call.t0) * 1e3
     log.info(
-        "rpc=%s request_id=%s status=%s verdict=%s total_ms=%.1f%s",
-        name,
-        request_id or "-",
+        "rpc=%s request_id=%s client=%s status=%s verdict=%s total_ms=%.1f%s",
+        call.rpc,
+        call.request_id or "-",
+        call.client,
         code.name,
         verdict,
         total_ms,
         f" detail={detail!r}" if detail else "",
+        extra={"rpc": call.rpc, "client": call.client, "status": code.name, "verdict": verdict,
+               "total_ms": round(total_ms, 1)},
     )

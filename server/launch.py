@@ -2,7 +2,9 @@
 
 The child prints `serving on HOST:PORT` first; `served()` waits for health to
 turn SERVING, yields the address, then sends SIGTERM and checks that the
-server drained and exited 0.
+server drained and exited 0. For a server with TLS or auth, pass the client's
+side: `ca_cert` (and `client_cert`/`client_key` for mutual TLS), `token`, and
+`env` for the child (e.g. MEDHALLGUARD_AUTH_TOKENS).
 """
 
 from __future__ import annotations
@@ -19,24 +21,38 @@ def cli_path() -> Path:
 
 
 @contextlib.contextmanager
-def served(model_dir: str | Path, config: str | Path | None = None, ready_timeout_s: float = 120.0, log=None):
+def served(
+    model_dir: str | Path,
+    config: str | Path | None = None,
+    ready_timeout_s: float = 120.0,
+    log=None,
+    ca_cert: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    token: str | None = None,
+    env: dict | None = None,
+):
     """-> "127.0.0.1:PORT" of a SERVING server; raises RuntimeError if it does not come up."""
+    import os
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from server.security import auth_metadata, client_channel
 
     cmd = [str(cli_path()), "serve", "--model", str(model_dir), "--address", "127.0.0.1:0"]
     if config:
         cmd += ["--config", str(config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     try:
         line = proc.stdout.readline().strip()
         if not line.startswith("serving on "):
             raise RuntimeError(f"`{' '.join(cmd)}` did not start (first line {line!r}); see its log above")
         address = line.removeprefix("serving on ")
-        with grpc.insecure_channel(address) as channel:
+        with client_channel(address, ca_cert, client_cert, client_key) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             grpc.channel_ready_future(channel).result(timeout=ready_timeout_s)
-            _wait_serving(health, health_pb2, ready_timeout_s)
+            _wait_serving(health, health_pb2, ready_timeout_s, auth_metadata(token))
         if log:
             log(f"server for {model_dir} is SERVING on {address}")
         yield address
@@ -47,12 +63,12 @@ def served(model_dir: str | Path, config: str | Path | None = None, ready_timeou
             raise RuntimeError(f"the server for {model_dir} exited {code} after SIGTERM (expected 0)")
 
 
-def _wait_serving(health, health_pb2, timeout_s: float) -> None:
+def _wait_serving(health, health_pb2, timeout_s: float, metadata=()) -> None:
     import time
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5, metadata=metadata).status
         if status == health_pb2.HealthCheckResponse.SERVING:
             return
         time.sleep(0.2)

@@ -3,6 +3,8 @@
 This is the only module that reads environment variables (MEDHALLGUARD_*).
 `create_server` is what tests call: it binds, starts serving with health
 NOT_SERVING, and flips health to SERVING once `guard.warmup()` has finished.
+On shutdown (`Running.stop`) new calls get UNAVAILABLE "server is draining"
+while in-flight ones get the grace period to finish.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import logs, security
+from server.audit import AuditLog
 from server.config import ServerConfig, split_config
 from server.interceptors import ErrorInterceptor
+from server.metrics import Metrics
 from server.pb.medhallguard.v1 import guard_pb2_grpc as pb_grpc
 from server.service import SERVICE_NAME, MedHallGuardServicer
 
@@ -38,12 +43,29 @@ class Running:
     servicer: MedHallGuardServicer
     warmed: asyncio.Task
     """Done when warm-up has finished (health SERVING), or failed (its exception)."""
+    interceptor: ErrorInterceptor
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
+    """The bound port of the /metrics endpoint, when metrics are on."""
+    audit: AuditLog | None = None
 
     async def stop(self, grace_s: float) -> None:
-        """Health -> NOT_SERVING, refuse new RPCs, give in-flight ones grace_s to finish."""
+        """Health -> NOT_SERVING, new calls get UNAVAILABLE (draining), in-flight ones get grace_s to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        self.interceptor.draining = True
+        if self.metrics is not None:
+            self.metrics.ready.set(0)
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if not await self.interceptor.wait_idle(grace_s):
+            log.warning("%d request(s) still running after the %.1f s grace; cancelling them",
+                        self.interceptor.in_flight, grace_s)
+        await self.server.stop(max(0.0, deadline - loop.time()))
         self.servicer.admission.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 async def create_server(address: str, guard, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
@@ -52,10 +74,22 @@ async def create_server(address: str, guard, config: ServerConfig) -> tuple[grpc
     return running.server, running.port
 
 
-async def start(address: str, guard, config: ServerConfig) -> Running:
-    """Like create_server, but returns the health servicer and warm-up task as well."""
+async def start(address: str, guard, config: ServerConfig, env_tokens: str | None = None) -> Running:
+    """Like create_server, but returns the health servicer, warm-up task, metrics and audit log as well.
+
+    `env_tokens` is the value of $MEDHALLGUARD_AUTH_TOKENS (serve() reads it); tokens also come from
+    `config.auth_tokens_file`. Raises ValueError for auth without TLS (unless allowed) or unusable PEM files.
+    """
+    auth = security.load_auth(config.auth_tokens_file, env_tokens, config.auth_health, config.auth_reflection)
+    security.check_transport(config, auth)
+    credentials = security.server_credentials(config)
+    info = guard.info()
+    metrics = Metrics() if config.metrics_address else None
+    audit = (AuditLog(config.audit_log, config.audit_max_bytes, config.audit_backups, config.audit_question)
+             if config.audit_log else None)
+    interceptor = ErrorInterceptor(auth, audit, metrics, model_checksum=info.checksum)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -70,14 +104,36 @@ async def start(address: str, guard, config: ServerConfig) -> Running:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise OSError(f"could not listen on {address}: {e}; is the port in use?") from None
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"could not listen on {address}: {e}; is the port in use?") from None
+        metrics_port = _serve_metrics(metrics, config.metrics_address, servicer, guard, info)
+    except OSError:
+        if audit is not None:
+            audit.close()
+        raise
     await server.start()
-    warmed = asyncio.ensure_future(_warm_up(guard, servicer, health_servicer))
+    log.info("listening on %s with %s; auth %s; audit log %s", address,
+             ("mutual TLS" if config.tls_client_ca else "TLS") if credentials else "no TLS (plaintext)",
+             f"on ({len(auth.digests)} token(s))" if auth else "off", config.audit_log or "off")
+    warmed = asyncio.ensure_future(_warm_up(guard, servicer, health_servicer, metrics))
     _background.add(warmed)
     warmed.add_done_callback(_forget)
-    return Running(server, port, health_servicer, servicer, warmed)
+    return Running(server, port, health_servicer, servicer, warmed, interceptor, metrics, metrics_port, audit)
+
+
+def _serve_metrics(metrics: Metrics | None, address: str, servicer: MedHallGuardServicer, guard, info) -> int | None:
+    """Wire the gauges read at scrape time, then start the /metrics endpoint; -> its port."""
+    if metrics is None:
+        return None
+    batcher = getattr(guard, "batcher", None)  # guard.batching.BatchScheduler when batching is on
+    batch_queued = getattr(batcher, "queued", None)
+    metrics.watch_queue(lambda: servicer.admission.waiting + (batch_queued() if batch_queued else 0))
+    if callable(getattr(batcher, "running", None)):
+        metrics.watch_batch(batcher.running)
+    metrics.model.labels(info.model_id, info.checksum, info.backend).set(1)
+    return metrics.serve(address)
 
 
 def _forget(task: asyncio.Task) -> None:
@@ -86,7 +142,7 @@ def _forget(task: asyncio.Task) -> None:
         task.exception()  # already logged by _warm_up; mark it retrieved
 
 
-async def _warm_up(guard, servicer: MedHallGuardServicer, health_servicer) -> None:
+async def _warm_up(guard, servicer: MedHallGuardServicer, health_servicer, metrics: Metrics | None) -> None:
     log.info("warming up the model")
     try:
         await asyncio.to_thread(guard.warmup)
@@ -97,6 +153,8 @@ async def _warm_up(guard, servicer: MedHallGuardServicer, health_servicer) -> No
     servicer.unready_reason = None
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if metrics is not None:
+        metrics.ready.set(1)
     log.info("ready: health is SERVING")
 
 
@@ -108,6 +166,7 @@ def serve(
     log_level: str | None = None,
     on_bound=lambda line: print(line, flush=True),
     bundle: str | None = None,
+    log_format: str | None = None,
 ) -> int:
     """Load the guard, serve until SIGTERM/SIGINT, drain; returns the exit code.
 
@@ -116,15 +175,17 @@ def serve(
     `overrides` are ServerConfig fields from CLI flags (None values are ignored);
     precedence is flag > MEDHALLGUARD_* environment variable > TOML file > default.
     `port`, when given, replaces the port of the resulting address.
+    Bearer tokens come from `auth_tokens_file` and $MEDHALLGUARD_AUTH_TOKENS, never from flags.
     """
-    logging.basicConfig(
-        level=(log_level or os.environ.get("MEDHALLGUARD_LOG_LEVEL") or "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logs.configure(
+        level=log_level or os.environ.get("MEDHALLGUARD_LOG_LEVEL") or "INFO",
+        fmt=log_format or os.environ.get("MEDHALLGUARD_LOG_FORMAT") or "text",
     )
     model = bundle or model or os.environ.get("MEDHALLGUARD_MODEL")
     if not model:
         raise ValueError("no model: pass --model DIR or --bundle DIR, or set MEDHALLGUARD_MODEL")
     server_config, guard_tables = resolve_config(config_path, overrides, port)
+    _check_security(server_config, os.environ.get("MEDHALLGUARD_AUTH_TOKENS"))  # before the slow model load
 
     from guard.runtime import GuardConfig, load_guard  # load_guard imports the backend it needs
 
@@ -132,7 +193,14 @@ def serve(
     log.info("loading %s", model)
     guard = load_guard(model, guard_config, bundle=bundle is not None)
     log.info("serving %s with backend %s", guard.spec.model_id, guard.backend.name)
-    return asyncio.run(_serve(guard, server_config, on_bound))
+    return asyncio.run(_serve(guard, server_config, on_bound, os.environ.get("MEDHALLGUARD_AUTH_TOKENS")))
+
+
+def _check_security(config: ServerConfig, env_tokens: str | None) -> None:
+    """Raise ValueError now for what start() would refuse: bad tokens, auth without TLS, unusable PEM files."""
+    auth = security.load_auth(config.auth_tokens_file, env_tokens, config.auth_health, config.auth_reflection)
+    security.check_transport(config, auth)
+    security.server_credentials(config)
 
 
 def resolve_config(config_path: str | None, overrides: dict, port: int | None = None) -> tuple[ServerConfig, dict]:
@@ -147,10 +215,12 @@ def resolve_config(config_path: str | None, overrides: dict, port: int | None = 
     return server_config, guard_tables
 
 
-async def _serve(guard, config: ServerConfig, on_bound) -> int:
-    running = await start(config.address, guard, config)
+async def _serve(guard, config: ServerConfig, on_bound, env_tokens: str | None = None) -> int:
+    running = await start(config.address, guard, config, env_tokens)
     host = config.address.rpartition(":")[0]
     on_bound(f"serving on {host}:{running.port}")  # scripts read the real port from this line
+    if running.metrics_port is not None:
+        on_bound(f"metrics on http://{config.metrics_address.rpartition(':')[0]}:{running.metrics_port}/metrics")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import threading
 import time
@@ -183,7 +184,8 @@ class Admission:
             await self._wait_for_slot(stop)
         else:
             await self._slots.acquire()  # free slot: returns without suspending
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, stop)
+        context = contextvars.copy_context()  # the worker logs with this request's id (server.logs)
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, context.run, fn, stop)
         fut.add_done_callback(lambda _: self._slots.release())
         try:
             return await asyncio.shield(fut)
@@ -208,8 +210,19 @@ class Admission:
         finally:
             self._waiting -= 1
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot now."""
+        return self._waiting
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _slots(guard, config: ServerConfig) -> int:
+    """Requests admitted at once. With batching on, a full batch: each request waits in its own worker thread."""
+    batching = guard.config.batching
+    return max(config.max_concurrency, batching.max_batch_size) if batching.enabled else config.max_concurrency
 
 
 # --- the servicer -----------------------------------------------------------
@@ -219,7 +232,7 @@ class MedHallGuardServicer(pb_grpc.MedHallGuardServicer):
     def __init__(self, guard, config: ServerConfig):
         self.guard = guard
         self.config = config
-        self.admission = Admission(config.max_concurrency, config.max_queue)
+        self.admission = Admission(_slots(guard, config), config.max_queue)
         self.unready_reason: str | None = "the model is still warming up; retry when health reports SERVING"
         """Why requests get UNAVAILABLE; None once guard.warmup() has finished."""
 

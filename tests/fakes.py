@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from guard.batching import BatchingConfig
 from guard.errors import GuardError
 from guard.preprocess import ImageLimits, load_image
 from guard.types import (
@@ -34,10 +35,11 @@ from guard.types import (
 
 @dataclass(frozen=True)
 class FakeConfig:
-    """The two parts of GuardConfig the server reads."""
+    """The parts of GuardConfig the server reads."""
 
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=32))
     limits: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=8 * 1024 * 1024, max_pixels=4096 * 4096))
+    batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(enabled=False))
 
 
 class FakeGuard:

@@ -2,7 +2,8 @@
 
 A backend runs the three graphs of a split VLM (the same split the ONNX
 export writes): vision encoder, token embedding, and a decoder step with a
-KV cache. It exchanges numpy arrays with the rest of the runtime and knows
+KV cache, whose rows can be merged and selected so that sequences join and
+leave a running batch. It exchanges numpy arrays with the rest of the runtime and knows
 nothing of prompts, sampling, heads or policy.
 """
 
@@ -48,6 +49,19 @@ class Backend(Protocol):
         self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any
     ) -> tuple[StepOutput, Any]:
         """One decoder call over S new positions; embeds [B,S,D], attention_mask [B,past+S], position_ids [B,S]."""
+        ...
+
+    # Cache rows, for the batch scheduler (guard/batching.py): sequences join and leave a running batch.
+
+    def merge_caches(self, caches: list[Any]) -> Any:
+        """Stack caches along the batch, in order; a shorter past is left-padded with zeros to the longest.
+
+        The caller masks the padded positions out (attention_mask 0) in later forward calls.
+        """
+        ...
+
+    def select_cache(self, cache: Any, rows: list[int], drop: int = 0) -> Any:
+        """Keep batch rows `rows` (in that order) and drop the first `drop` past positions of every row."""
         ...
 
 

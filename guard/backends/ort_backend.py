@@ -130,6 +130,26 @@ class OrtBackend:
         cache = OrtCache(presents, cache.length + embeds.shape[1])
         return StepOutput(logits=logits, hidden_mid=mid, hidden_last=last), cache
 
+    def merge_caches(self, caches: list[OrtCache]) -> OrtCache:
+        length = max(c.length for c in caches)
+        values = [
+            np.concatenate([np.pad(self._host(c.values[i]), ((0, 0), (0, 0), (length - c.length, 0), (0, 0)))
+                            for c in caches])
+            for i in range(len(self._past))
+        ]
+        return OrtCache([self._placed(v) for v in values], length)
+
+    def select_cache(self, cache: OrtCache, rows: list[int], drop: int = 0) -> OrtCache:
+        values = [np.ascontiguousarray(self._host(v)[rows, :, drop:]) for v in cache.values]
+        return OrtCache([self._placed(v) for v in values], cache.length - drop)
+
+    def _host(self, value) -> np.ndarray:
+        return value.numpy() if self.io_binding else value
+
+    def _placed(self, array: np.ndarray):
+        """A cache tensor where forward() expects it: numpy on the CPU path, an OrtValue on the device otherwise."""
+        return self.ort.OrtValue.ortvalue_from_numpy(array, *self._device) if self.io_binding else array
+
     def _run_bound(self, feeds: dict, cache: OrtCache) -> tuple[list[np.ndarray], list]:
         """Presents stay OrtValues on the session's device; only logits and hidden states come back to numpy."""
         binding = self._decoder.io_binding()

@@ -70,6 +70,25 @@ class TorchBackend:
             )
         return step, out.cache
 
+    def merge_caches(self, caches: list[Any]) -> Any:
+        from transformers import DynamicCache
+
+        t = self.torch
+        length = max(c.get_seq_length() for c in caches)
+        pad = lambda x: t.nn.functional.pad(x, (0, 0, length - x.shape[2], 0))  # noqa: E731 [B,H,P,Dh], left
+        layers = [
+            (t.cat([pad(c.layers[i].keys) for c in caches]), t.cat([pad(c.layers[i].values) for c in caches]))
+            for i in range(len(caches[0].layers))
+        ]
+        return DynamicCache(layers, config=self._text.config)
+
+    def select_cache(self, cache: Any, rows: list[int], drop: int = 0) -> Any:
+        from transformers import DynamicCache
+
+        index = self.torch.tensor(rows, device=self.device)
+        layers = [(layer.keys[index, :, drop:], layer.values[index, :, drop:]) for layer in cache.layers]
+        return DynamicCache(layers, config=self._text.config)
+
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
     """Load the Hugging Face model object (also used by training and export)."""

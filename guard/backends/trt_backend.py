@@ -153,6 +153,22 @@ class TrtBackend:
         step = StepOutput(*(out[name].astype(np.float32, copy=False) for name in _STEP_OUTPUTS))
         return step, TrtCache([out[name] for name in self._present], cache.length + embeds.shape[1])
 
+    def merge_caches(self, caches: list[TrtCache]) -> TrtCache:
+        """Through host memory (a batch changes rarely, a step stays on the GPU)."""
+        length = max(c.length for c in caches)
+        with self._lock:
+            values = [
+                np.concatenate([np.pad(c.values[i].to_host(self._stream), ((0, 0), (0, 0), (length - c.length, 0), (0, 0)))
+                                for c in caches])
+                for i in range(len(self._past))
+            ]
+            return TrtCache([DeviceTensor.from_host(v, self._stream) for v in values], length)
+
+    def select_cache(self, cache: TrtCache, rows: list[int], drop: int = 0) -> TrtCache:
+        with self._lock:
+            values = [v.to_host(self._stream)[rows, :, drop:] for v in cache.values]
+            return TrtCache([DeviceTensor.from_host(v, self._stream) for v in values], cache.length - drop)
+
 
 def load(path: str | Path, device: str = "cuda:0", dtype: str | None = None, threads: int | None = None) -> TrtBackend:
     """Load a bundle's TensorRT engines; every file is checked against manifest.json first."""
