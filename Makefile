@@ -24,7 +24,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	# torch first: 2.13.0 is the local CPU build; any other version downloads a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[train,export,dev]"
+	$(PIP) install --quiet -e ".[train,export,eval,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

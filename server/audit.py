@@ -48,10 +48,7 @@ class AuditLog:
                 size = os.fstat(self._fd).st_size
                 if size and size + len(data) > self.max_bytes:
                     self._rotate()
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                os.fsync(self._fd)
+                self._append(data)
             except OSError as e:
                 raise AuditWriteError(
                     f"the audit log {self.path} could not be written ({e.strerror}), so the response was withheld; "
@@ -85,6 +82,12 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             os.close(self._fd)
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -27,6 +27,7 @@ _EXTERNAL = {
     "build-default": ("training.build_default:add_parser", "train the default nano model and its baseline from scratch"),
     "eval-default": ("training.evaluate:add_parser", "report the default model and baseline on held-out data, through gRPC"),
     "export": ("export.onnx_export:add_parser", "export the model to ONNX graphs plus manifest.json"),
+    "eval": ("evaluation.cli:add_parser", "answer MedHallTune-format questions: upload file, reference and guard metrics"),
 }
 
 _EXIT_CODES = {"INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "UNAUTHENTICATED": 4, "PERMISSION_DENIED": 4}  # else 1

@@ -84,13 +84,13 @@ def test_the_question_is_logged_only_when_the_config_allows_it(tmp_path):
 @pytest.mark.timeout(30)
 def test_entry_is_fsynced_before_the_response_arrives(tmp_path, monkeypatch):
     events: list[str] = []
-    real_fsync = os.fsync
+    real_append = AuditLog._append
 
-    def fsync(fd):
-        real_fsync(fd)
+    def append(self, data):
+        real_append(self, data)  # os.write, then os.fsync
         events.append("fsync")
 
-    monkeypatch.setattr(audit_module.os, "fsync", fsync)
+    monkeypatch.setattr(AuditLog, "_append", append)
     path = tmp_path / "audit.jsonl"
     with serve_in_thread(FakeGuard(), _config(tmp_path)) as server, grpc.insecure_channel(
         f"127.0.0.1:{server.port}"
@@ -126,13 +126,13 @@ def test_failed_calls_get_an_entry_with_status_and_error_but_no_internals(tmp_pa
 
 @pytest.mark.timeout(30)
 def test_response_is_withheld_when_the_audit_log_cannot_be_written(tmp_path, monkeypatch):
-    def disk_full(fd, data):
+    def disk_full(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with serve_in_thread(FakeGuard(), _config(tmp_path)) as server, grpc.insecure_channel(
         f"127.0.0.1:{server.port}"
     ) as channel:
-        monkeypatch.setattr(audit_module.os, "write", disk_full)
+        monkeypatch.setattr(AuditLog, "_append", disk_full)
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.MedHallGuardStub(channel).Ask(_ask(), timeout=10)
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -37,7 +37,7 @@ def _config_file(tmp: Path, name: str, policy: dict, max_new_tokens: int) -> Pat
     return path
 
 
-def _call_all(address: str, requests: list, rpc: str, concurrency: int, desc: str) -> list:
+def call_all(address: str, requests: list, rpc: str, concurrency: int, desc: str, timeout_s: float = 120.0) -> list:
     import grpc
     from tqdm.auto import tqdm
 
@@ -47,17 +47,17 @@ def _call_all(address: str, requests: list, rpc: str, concurrency: int, desc: st
         stub = guard_pb2_grpc.MedHallGuardStub(channel)
         call = getattr(stub, rpc)
         with ThreadPoolExecutor(concurrency) as pool:
-            return list(tqdm(pool.map(lambda r: call(r, timeout=120), requests), total=len(requests), desc=desc))
+            return list(tqdm(pool.map(lambda r: call(r, timeout=timeout_s), requests), total=len(requests), desc=desc))
 
 
-def _ask_requests(examples):
+def ask_requests(examples):
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
     return [pb.AskRequest(image=image, media_type=media_type, question=e.question, request_id=e.id)
             for e, (image, media_type) in ((e, image_payload(e)) for e in examples)]
 
 
-def _score_requests(examples, answers):
+def score_requests(examples, answers):
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
     return [pb.ScoreRequest(image=image, media_type=media_type, question=e.question, answer=a or "(no answer)",
@@ -82,7 +82,7 @@ def phantom_rates(examples, answers) -> dict:
     }
 
 
-def _verdicts(responses) -> dict:
+def verdict_counts(responses) -> dict:
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
     names = [pb.Verdict.Name(r.verdict) for r in responses]
@@ -107,13 +107,13 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
         # Baseline: random-init heads, so its answers are served only with the allowance.
         base_cfg = _config_file(tmp, "baseline", {**_EVAL_POLICY, "allow_untrained_heads": True}, 48)
         with served(root / "baseline", base_cfg, log=log) as address:
-            base = _call_all(address, _ask_requests(heldout), "Ask", concurrency, "baseline: Ask")
+            base = call_all(address, ask_requests(heldout), "Ask", concurrency, "baseline: Ask")
         tuned_cfg = _config_file(tmp, "tuned", _EVAL_POLICY, 48)
         with served(root / "tuned", tuned_cfg, log=log) as address:
-            tuned = _call_all(address, _ask_requests(heldout), "Ask", concurrency, "tuned: Ask")
-            judged_base = _call_all(address, _score_requests(heldout, [r.answer for r in base]), "Score",
+            tuned = call_all(address, ask_requests(heldout), "Ask", concurrency, "tuned: Ask")
+            judged_base = call_all(address, score_requests(heldout, [r.answer for r in base]), "Score",
                                     concurrency, "tuned guard on baseline answers: Score")
-            mht = _call_all(address, _score_requests(mht_held, [e.model_answer for e in mht_held]), "Score",
+            mht = call_all(address, score_requests(mht_held, [e.model_answer for e in mht_held]), "Score",
                             concurrency, "MedHallTune held-out: Score")
 
     # PhantomVQA: answer quality of both models, and the tuned guard on held-out generations.
@@ -127,7 +127,7 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
     b_rates.pop("accepted")
     report["phantom"] = {
         "heldout_questions": len(heldout),
-        "tuned": {**t_rates, "verdicts": _verdicts(tuned),
+        "tuned": {**t_rates, "verdicts": verdict_counts(tuned),
                   "negative_hallucination_rate_after_guard": safe(np.mean(shown_false_premise))},
         "baseline": b_rates,
         "guard_auroc_tuned_and_baseline_generations": safe(auroc(labels, p_hall)),
