@@ -34,8 +34,8 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
+import secrets
 import sys
 import tempfile
 import time
@@ -343,8 +343,6 @@ def make_model(root: Path) -> Path:
 
 def soak(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     from server.launch import served_process
-
-    import secrets
 
     mix = parse_mix(args.mix, auth=not args.no_auth)
     payloads = Payloads.make(args.seed)
