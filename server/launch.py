@@ -21,20 +21,12 @@ def cli_path() -> Path:
 
 
 @contextlib.contextmanager
-def served(
-    model_dir: str | Path,
-    config: str | Path | None = None,
-    ready_timeout_s: float = 120.0,
-    log=None,
-    ca_cert: str | None = None,
-    client_cert: str | None = None,
-    client_key: str | None = None,
-    token: str | None = None,
-    env: dict | None = None,
-):
-    """-> "127.0.0.1:PORT" of a SERVING server; raises RuntimeError if it does not come up."""
-    with served_process(model_dir, config, ready_timeout_s, log, ca_cert, client_cert, client_key, token,
-                        env) as (address, _):
+def served(model_dir: str | Path, config: str | Path | None = None, **options):
+    """-> "127.0.0.1:PORT" of a SERVING server; raises RuntimeError if it does not come up.
+
+    `options` are served_process()'s: ready_timeout_s, log, ca_cert, client_cert, client_key, token, env.
+    """
+    with served_process(model_dir, config, **options) as (address, _):
         yield address
 
 
