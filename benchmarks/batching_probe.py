@@ -5,11 +5,12 @@ generated config, warms it up, then keeps CONCURRENCY clients busy with Ask
 calls (closed loop: each client sends its next request when the last one
 returns) until REQUESTS have completed. It prints one JSON line per run
 (requests/s, tokens/s, latency p50/p90/p99, mean batch timings) and a last
-line with the ratio of each concurrent run's throughput to the serial rate.
+line with the ratio of the batched throughput to the serial rate. The serial
+run has batching off: one request at a time on the unbatched path.
 Answers are fixed length (`ignore_eos`), so every request does the same work.
 
     python benchmarks/batching_probe.py BUNDLE_OR_MODEL_DIR [--concurrency 8] [--requests 48]
-    python benchmarks/batching_probe.py /tmp/m256-int8 --max-new-tokens 64 --threads 2
+    python benchmarks/batching_probe.py /tmp/m256-int8 --max-new-tokens 64 --repeat 2 --unbatched-requests 0
 """
 
 from __future__ import annotations
@@ -38,19 +39,21 @@ QUESTIONS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    runs = [("serial", True, 1)]
-    runs += [(f"batched-c{args.concurrency}", True, args.concurrency)]
-    if not args.skip_unbatched:
-        runs += [(f"unbatched-c{args.concurrency}", False, args.concurrency)]
     images = [_png(seed, args.image_px) for seed in range(16)]
-    results = {}
-    for name, batching, concurrency in runs:
-        n = args.serial_requests if concurrency == 1 else args.requests if batching else args.unbatched_requests
-        results[name] = _run(args, name, batching, concurrency, n, images)
-        print(json.dumps(results[name]), flush=True)
-    serial = results["serial"]["requests_per_s"]
-    ratios = {name: round(r["requests_per_s"] / serial, 2) for name, r in results.items() if name != "serial"}
-    print(json.dumps({"throughput_vs_serial": ratios}), flush=True)
+    ratios = []
+    for r in range(args.repeat):  # serial and concurrent runs alternate, so a change in machine load hits both
+        serial = _run(args, "serial", False, 1, args.serial_requests, images)
+        print(json.dumps({**serial, "repeat": r}), flush=True)
+        batched = _run(args, f"batched-c{args.concurrency}", True, args.concurrency, args.requests, images)
+        print(json.dumps({**batched, "repeat": r}), flush=True)
+        ratios.append(batched["requests_per_s"] / serial["requests_per_s"])
+    summary = {"throughput_vs_serial": [round(x, 2) for x in ratios], "median": round(statistics.median(ratios), 2)}
+    if args.unbatched_requests:
+        unbatched = _run(args, f"unbatched-c{args.concurrency}", False, args.concurrency, args.unbatched_requests,
+                         images)
+        print(json.dumps(unbatched), flush=True)
+        summary["unbatched_vs_serial"] = round(unbatched["requests_per_s"] / serial["requests_per_s"], 2)
+    print(json.dumps(summary), flush=True)
     return 0
 
 
@@ -150,12 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=48, help="requests per concurrent run (default 48)")
     p.add_argument("--serial-requests", type=int, default=12, help="requests in the serial run (default 12)")
     p.add_argument("--unbatched-requests", type=int, default=16,
-                   help="requests in the concurrent run with batching off (default 16)")
+                   help="requests in a concurrent run with batching off, for reference; 0 skips it (default 16)")
+    p.add_argument("--repeat", type=int, default=1, help="serial + concurrent pairs to run, alternating (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer, EOS ignored (default 64)")
     p.add_argument("--threads", type=int, default=2, help="backend intra-op threads (default 2)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="[batching] max_wait_ms (default 5)")
     p.add_argument("--image-px", type=int, default=512, help="side of the random test images (default 512)")
-    p.add_argument("--skip-unbatched", action="store_true", help="skip the concurrent run with batching off")
     return p
 
 

@@ -143,6 +143,19 @@ def test_batched_generation_equals_unbatched_on_an_onnxruntime_bundle(nano_model
     assert max(spy.decode_batches) == len(MIXED)
 
 
+def test_batched_generation_equals_unbatched_with_onnxruntime_io_binding(nano_models, tmp_path_factory):
+    """The cache row operations on OrtValues (the GPU path), exercised on the CPU provider."""
+    pytest.importorskip("onnx", reason="exporting a bundle needs the [export] extra")
+    from guard.backends.ort_backend import load
+    from tests.bundles import export_nano
+
+    bundle = export_nano(tmp_path_factory, nano_models["smolvlm"])
+    plain = load_guard(bundle, UNBATCHED)
+    bound = Guard(load(bundle, io_binding=True), plain.prompter, plain.heads, UNBATCHED)
+    assert bound.backend.io_binding
+    _check_batched_equals_unbatched(bound, MIXED)
+
+
 def test_seeded_sampling_gives_each_request_its_unbatched_answer(guards):
     configs = [DecodeConfig(max_new_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 1)]
     _check_batched_equals_unbatched(guards["smolvlm"], configs)
