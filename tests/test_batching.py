@@ -256,6 +256,38 @@ def test_a_request_whose_deadline_passed_while_queued_never_runs(guards):
     assert spy.decode_batches == []
 
 
+def test_a_request_whose_streaming_callback_raises_leaves_the_batch(guards):
+    guard = guards["smolvlm"]
+    spy = SpyBackend(guard.backend)
+    sched = _scheduler(guard, spy, max_batch_size=2)
+    config = DecodeConfig(max_new_tokens=30, ignore_eos=True)
+    inputs = [_inputs(guard, i) for i in range(2)]
+    left = threading.Event()
+
+    def broken_callback(token):
+        raise OSError("the client's stream broke")
+
+    def wait_for_the_caller_to_leave(batch):  # keeps the batch at 2 until the failing caller has left
+        if batch == 2:
+            left.wait(60)
+
+    spy.before_decode_step = wait_for_the_caller_to_leave
+
+    def failing():
+        try:
+            return sched.generate(*inputs[1], config, None, broken_callback)
+        finally:
+            left.set()
+
+    try:
+        results = _run_concurrently([lambda: sched.generate(*inputs[0], config), failing])
+    finally:
+        sched.close()
+    assert isinstance(results[1], OSError)
+    assert spy.decode_batches.count(2) <= 2 and spy.decode_batches[-1] == 1, "the abandoned request left the batch"
+    assert_same_generation(results[0], _unbatched(guard, *inputs[0], config))
+
+
 def test_an_image_that_breaks_the_vision_encoder_fails_only_its_request(guards):
     guard = guards["smolvlm"]
     spy = SpyBackend(guard.backend)
