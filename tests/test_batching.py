@@ -360,7 +360,7 @@ def test_streamed_deltas_add_up_to_each_final_answer_in_a_batch(guards):
             [lambda i=i: batched.answer(_req(i, 8 + 4 * i), on_text=deltas[i].append) for i in range(3)]
         )
     finally:
-        batched.batcher.close()
+        batched.close()
     for i, result in enumerate(results):
         alone = guards["smolvlm"].answer(_req(i, 8 + 4 * i))
         assert result.answer == alone.answer and result.num_tokens == alone.num_tokens
@@ -390,7 +390,7 @@ def test_a_guard_head_failure_abstains_only_for_its_request(guards):
     try:
         ok, failed = _run_concurrently([lambda: batched.answer(_req(0, 5)), lambda: batched.answer(_req(1, 7))])
     finally:
-        batched.batcher.close()
+        batched.close()
     assert failed.scores is None and failed.verdict.kind is VerdictKind.ABSTAIN and failed.answer == ""
     assert ok.scores is not None and ok.num_tokens == 5
 
@@ -422,7 +422,7 @@ def test_concurrent_grpc_requests_are_batched_and_answered_as_alone(guards):
                 replies = _run_concurrently([*(lambda i=i: stub.Ask(ask(i), timeout=120) for i in range(4)),
                                              lambda: stream(4)])
     finally:
-        batched.batcher.close()
+        batched.close()
     *answers, streamed = replies
     for i, reply in enumerate([*answers, streamed[-1].final]):
         alone = guard.answer(VqaRequest(png_bytes(seed=i), "image/png", QUESTIONS[i % 4],
