@@ -72,13 +72,15 @@ def _inputs(guard, i: int, question: str | None = None):
     return guard.prompter.encode_prompt(question or QUESTIONS[i % len(QUESTIONS)]), pixels
 
 
-def _unbatched(guard, ids, pixels, config: DecodeConfig):
-    return decode.generate(guard.backend, guard._embed_prompt(ids, pixels[None]), guard.spec.eos_token_ids, config)
+def _unbatched(guard, ids, pixels, config: DecodeConfig, eos: tuple[int, ...] | None = None):
+    embeds = guard._embed_prompt(ids, pixels[None])
+    return decode.generate(guard.backend, embeds, eos or guard.spec.eos_token_ids, config)
 
 
-def _scheduler(guard, backend=None, **batching) -> BatchScheduler:
+def _scheduler(guard, backend=None, eos: tuple[int, ...] | None = None, **batching) -> BatchScheduler:
     config = BatchingConfig(**{"max_batch_size": 8, "max_wait_ms": 5000, **batching})
-    return BatchScheduler(backend or guard.backend, config, guard.spec.image_token_id, guard.spec.eos_token_ids)
+    eos = eos or guard.spec.eos_token_ids
+    return BatchScheduler(backend or guard.backend, config, guard.spec.image_token_id, eos)
 
 
 def _run_concurrently(fns) -> list:
@@ -109,27 +111,44 @@ def assert_same_generation(batched, alone) -> None:
     np.testing.assert_allclose(batched.prompt_hidden_last, alone.prompt_hidden_last, atol=1e-4)
 
 
-def _check_batched_equals_unbatched(guard, configs) -> SpyBackend:
+def _check_batched_equals_unbatched(guard, configs, eos: tuple[int, ...] | None = None) -> SpyBackend:
+    """Run `configs` (request i: question i, image i) concurrently through a scheduler and each alone; compare."""
     spy = SpyBackend(guard.backend)
-    sched = _scheduler(guard, spy, max_batch_size=len(configs))
+    sched = _scheduler(guard, spy, eos, max_batch_size=len(configs))
+    inputs = [_inputs(guard, i) for i in range(len(configs))]
     try:
-        inputs = [_inputs(guard, i) for i in range(len(configs))]
         batched = _run_concurrently([lambda i=i: sched.generate(*inputs[i], configs[i]) for i in range(len(configs))])
     finally:
         sched.close()
-    for (ids, pixels), config, got in zip(inputs, configs, batched):
-        assert_same_generation(got, _unbatched(guard, ids, pixels, config))
+    alone = [_unbatched(guard, ids, pixels, config, eos) for (ids, pixels), config in zip(inputs, configs)]
+    for got, want in zip(batched, alone):
+        assert_same_generation(got, want)
     return spy
 
 
-# Different prompt lengths (left padding), different answer lengths (rows leave at different steps), EOS honoured.
-MIXED = [DecodeConfig(max_new_tokens=n, ignore_eos=i % 2 == 0) for i, n in enumerate((12, 5, 20, 9))]
+# Different prompt lengths (left padding), answer lengths (rows leave at different steps) and samplers.
+# The random nano models always pick the same greedy token, so most requests sample (with a seed).
+MIXED = [
+    DecodeConfig(max_new_tokens=12, ignore_eos=True),
+    DecodeConfig(max_new_tokens=12, temperature=1.0, seed=1),
+    DecodeConfig(max_new_tokens=20, temperature=0.7, seed=2, ignore_eos=True),
+    DecodeConfig(max_new_tokens=9, temperature=1.0, seed=3),
+]
+
+
+def _check_mixed(guard) -> SpyBackend:
+    """MIXED with an end-of-sequence token that request 1 samples as its 4th token, so it ends early on EOS."""
+    free = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=1, ignore_eos=True)
+    eos = (_unbatched(guard, *_inputs(guard, 1), free).token_ids[3],)
+    assert _unbatched(guard, *_inputs(guard, 1), MIXED[1], eos).stop_reason == "eos"
+    spy = _check_batched_equals_unbatched(guard, MIXED, eos)
+    assert max(spy.decode_batches) == len(MIXED), "all four requests were decoded in one batch"
+    return spy
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_generation_equals_unbatched_for_each_request(guards, family):
-    spy = _check_batched_equals_unbatched(guards[family], MIXED)
-    assert max(spy.decode_batches) == len(MIXED), "all four requests were decoded in one batch"
+    _check_mixed(guards[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,8 +158,7 @@ def test_batched_generation_equals_unbatched_on_an_onnxruntime_bundle(nano_model
 
     guard = load_guard(export_nano(tmp_path_factory, nano_models[family]), UNBATCHED)
     assert guard.backend.name.startswith("onnxruntime")
-    spy = _check_batched_equals_unbatched(guard, MIXED)
-    assert max(spy.decode_batches) == len(MIXED)
+    _check_mixed(guard)
 
 
 def test_batched_generation_equals_unbatched_with_onnxruntime_io_binding(nano_models, tmp_path_factory):
@@ -153,7 +171,7 @@ def test_batched_generation_equals_unbatched_with_onnxruntime_io_binding(nano_mo
     plain = load_guard(bundle, UNBATCHED)
     bound = Guard(load(bundle, io_binding=True), plain.prompter, plain.heads, UNBATCHED)
     assert bound.backend.io_binding
-    _check_batched_equals_unbatched(bound, MIXED)
+    _check_mixed(bound)
 
 
 def test_seeded_sampling_gives_each_request_its_unbatched_answer(guards):
