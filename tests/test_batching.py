@@ -422,7 +422,7 @@ def test_concurrent_grpc_requests_are_batched_and_answered_as_alone(guards):
 
     guard = guards["smolvlm"]
     spy = SpyBackend(guard.backend)
-    batched = _batched_guard(guard, spy, max_batch_size=5, max_wait_ms=2000)  # warm-up waits this long, alone
+    batched = _batched_guard(guard, spy, max_batch_size=5, max_wait_ms=5000)  # warm-up waits this long, alone
 
     def ask(i: int) -> pb.AskRequest:
         return pb.AskRequest(image=png_bytes(seed=i), media_type="image/png", question=QUESTIONS[i % 4],
