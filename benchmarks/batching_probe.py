@@ -4,12 +4,16 @@ For each run it starts the server as a child process (server/launch.py) with a
 generated config, warms it up, then keeps CONCURRENCY clients busy with Ask
 calls (closed loop: each client sends its next request when the last one
 returns) until REQUESTS have completed. It prints one JSON line per run
-(requests/s, tokens/s, latency p50/p90/p99, mean batch timings) and a last
-line with the ratio of each concurrent run's throughput to the serial rate.
+(requests/s, tokens/s, latency p50/p90/p99, the server's CPU seconds, mean
+timings) and a last line with the ratio of the batched throughput to the
+serial rate, by wall clock and per server CPU second (the second is the
+fairer one on a machine that other jobs share: there, more threads get more
+of the CPU). The serial
+run has batching off: one request at a time on the unbatched path.
 Answers are fixed length (`ignore_eos`), so every request does the same work.
 
     python benchmarks/batching_probe.py BUNDLE_OR_MODEL_DIR [--concurrency 8] [--requests 48]
-    python benchmarks/batching_probe.py /tmp/m256-int8 --max-new-tokens 64 --threads 2
+    python benchmarks/batching_probe.py /tmp/m256-int8 --max-new-tokens 64 --repeat 2 --unbatched-requests 0
 """
 
 from __future__ import annotations
@@ -38,19 +42,23 @@ QUESTIONS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    runs = [("serial", True, 1)]
-    runs += [(f"batched-c{args.concurrency}", True, args.concurrency)]
-    if not args.skip_unbatched:
-        runs += [(f"unbatched-c{args.concurrency}", False, args.concurrency)]
     images = [_png(seed, args.image_px) for seed in range(16)]
-    results = {}
-    for name, batching, concurrency in runs:
-        n = args.serial_requests if concurrency == 1 else args.requests if batching else args.unbatched_requests
-        results[name] = _run(args, name, batching, concurrency, n, images)
-        print(json.dumps(results[name]), flush=True)
-    serial = results["serial"]["requests_per_s"]
-    ratios = {name: round(r["requests_per_s"] / serial, 2) for name, r in results.items() if name != "serial"}
-    print(json.dumps({"throughput_vs_serial": ratios}), flush=True)
+    ratios, cpu_ratios = [], []
+    for r in range(args.repeat):  # serial and concurrent runs alternate, so a change in machine load hits both
+        serial = _run(args, "serial", False, 1, args.serial_requests, images)
+        print(json.dumps({**serial, "repeat": r}), flush=True)
+        batched = _run(args, f"batched-c{args.concurrency}", True, args.concurrency, args.requests, images)
+        print(json.dumps({**batched, "repeat": r}), flush=True)
+        ratios.append(batched["requests_per_s"] / serial["requests_per_s"])
+        cpu_ratios.append(batched["requests_per_server_cpu_s"] / serial["requests_per_server_cpu_s"])
+    summary = {"throughput_vs_serial": [round(x, 2) for x in ratios], "median": round(statistics.median(ratios), 2),
+               "per_cpu_s_vs_serial": [round(x, 2) for x in cpu_ratios]}
+    if args.unbatched_requests:
+        unbatched = _run(args, f"unbatched-c{args.concurrency}", False, args.concurrency, args.unbatched_requests,
+                         images)
+        print(json.dumps(unbatched), flush=True)
+        summary["unbatched_vs_serial"] = round(unbatched["requests_per_s"] / serial["requests_per_s"], 2)
+    print(json.dumps(summary), flush=True)
     return 0
 
 
@@ -90,13 +98,14 @@ def _run(args, name: str, batching: bool, concurrency: int, requests: int, image
                         latencies.append(latency)
                         replies.append(reply)
 
-            t0 = time.perf_counter()
+            server_pid = _child_pid()
+            cpu0, t0 = _cpu_s(server_pid), time.perf_counter()
             clients = [threading.Thread(target=client) for _ in range(concurrency)]
             for c in clients:
                 c.start()
             for c in clients:
                 c.join()
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, _cpu_s(server_pid) - cpu0
     tokens = sum(r.num_tokens for r in replies)
     ms = lambda q: round(float(np.percentile(latencies, q)) * 1e3, 1)  # noqa: E731
     mean = lambda field: round(statistics.fmean(getattr(r.timings, field) for r in replies), 1)  # noqa: E731
@@ -104,10 +113,30 @@ def _run(args, name: str, batching: bool, concurrency: int, requests: int, image
         "run": name, "batching": batching, "concurrency": concurrency, "requests": requests,
         "max_new_tokens": args.max_new_tokens, "wall_s": round(wall, 2),
         "requests_per_s": round(requests / wall, 3), "tokens_per_s": round(tokens / wall, 1),
+        "server_cpu_s": round(cpu, 1), "requests_per_server_cpu_s": round(requests / cpu, 4),
         "latency_ms": {"p50": ms(50), "p90": ms(90), "p99": ms(99), "max": ms(100)},
         "mean_timings_ms": {f: mean(f) for f in ("vision_ms", "prefill_ms", "decode_ms", "total_ms")},
         "backend": replies[0].backend, "model_id": replies[0].model_id,
     }
+
+
+def _child_pid() -> int:
+    """The server: this process's only child (server/launch.py started it)."""
+    import os
+
+    pid = os.getpid()
+    children = [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    assert len(children) == 1, f"expected one child process (the server), found {children}"
+    return children[0]
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (Linux /proc)."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _config(args, batching: bool, concurrency: int) -> str:
@@ -150,12 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=48, help="requests per concurrent run (default 48)")
     p.add_argument("--serial-requests", type=int, default=12, help="requests in the serial run (default 12)")
     p.add_argument("--unbatched-requests", type=int, default=16,
-                   help="requests in the concurrent run with batching off (default 16)")
+                   help="requests in a concurrent run with batching off, for reference; 0 skips it (default 16)")
+    p.add_argument("--repeat", type=int, default=1, help="serial + concurrent pairs to run, alternating (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer, EOS ignored (default 64)")
     p.add_argument("--threads", type=int, default=2, help="backend intra-op threads (default 2)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="[batching] max_wait_ms (default 5)")
     p.add_argument("--image-px", type=int, default=512, help="side of the random test images (default 512)")
-    p.add_argument("--skip-unbatched", action="store_true", help="skip the concurrent run with batching off")
     return p
 
 

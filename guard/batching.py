@@ -71,6 +71,8 @@ class _Job:
     stop: StopSignal
     streaming: bool
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    """Set when the caller stopped waiting (its streaming callback raised): the job leaves the batch."""
     seq: Sequence | None = None
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -114,6 +116,13 @@ class BatchScheduler:
                 raise BackendUnavailableError("the batch scheduler is shut down; this server is stopping")
             self._pending.append(job)
             self._wake.notify()
+        try:
+            return self._wait(job, on_token)
+        except BaseException:
+            job.abandoned.set()
+            raise
+
+    def _wait(self, job: _Job, on_token: Callable[[int], None] | None) -> Generation:
         while True:
             try:
                 kind, value = job.events.get(timeout=1.0)
@@ -167,7 +176,8 @@ class BatchScheduler:
             if not self._rows and len(self._pending) < self.config.max_batch_size:
                 # Idle: give others up to max_wait_ms to arrive and share this vision/prefill round.
                 until = time.monotonic() + self.config.max_wait_ms / 1e3
-                while len(self._pending) < self.config.max_batch_size and (left := until - time.monotonic()) > 0:
+                while (not self._closed and len(self._pending) < self.config.max_batch_size
+                       and (left := until - time.monotonic()) > 0):
                     self._wake.wait(left)
             self._pending = [job for job in self._pending if _still_wanted(job)]
             room = self.config.max_batch_size - len(self._rows)
@@ -290,7 +300,9 @@ def _close_all() -> None:
 
 
 def _still_wanted(job: _Job) -> bool:
-    """False (and the job told why) once its client cancelled or its deadline passed."""
+    """False (and the job told why) once its client cancelled, its deadline passed or its caller left."""
+    if job.abandoned.is_set():
+        return False
     try:
         job.stop.check()
     except GuardError as exc:

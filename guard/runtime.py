@@ -1,8 +1,10 @@
 """Guard: the runtime's main flow. `Guard.answer()` is the table of contents.
 
 preprocess -> encode image -> decode -> score -> decide. Each step lives in
-its own module; this file wires them, times them, and assembles the config
-tables of a deployment's TOML file (the `[server]` table belongs to server/).
+its own module; with batching on, encode and decode run in the batch
+scheduler (guard/batching.py) that concurrent calls share. This file wires
+them, times them, and assembles the config tables of a deployment's TOML
+file (the `[server]` table belongs to server/).
 """
 
 from __future__ import annotations
@@ -186,6 +188,11 @@ class Guard:
         except Exception:  # fail closed: the policy turns None into ABSTAIN
             log.exception("guard heads failed to score request %s", request_id)
             return None
+
+    def close(self) -> None:
+        """Stop the batch scheduler's thread (also done at interpreter exit)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def info(self) -> ModelInfo:
         p = self.config.policy

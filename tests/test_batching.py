@@ -72,13 +72,15 @@ def _inputs(guard, i: int, question: str | None = None):
     return guard.prompter.encode_prompt(question or QUESTIONS[i % len(QUESTIONS)]), pixels
 
 
-def _unbatched(guard, ids, pixels, config: DecodeConfig):
-    return decode.generate(guard.backend, guard._embed_prompt(ids, pixels[None]), guard.spec.eos_token_ids, config)
+def _unbatched(guard, ids, pixels, config: DecodeConfig, eos: tuple[int, ...] | None = None):
+    embeds = guard._embed_prompt(ids, pixels[None])
+    return decode.generate(guard.backend, embeds, eos or guard.spec.eos_token_ids, config)
 
 
-def _scheduler(guard, backend=None, **batching) -> BatchScheduler:
+def _scheduler(guard, backend=None, eos: tuple[int, ...] | None = None, **batching) -> BatchScheduler:
     config = BatchingConfig(**{"max_batch_size": 8, "max_wait_ms": 5000, **batching})
-    return BatchScheduler(backend or guard.backend, config, guard.spec.image_token_id, guard.spec.eos_token_ids)
+    eos = eos or guard.spec.eos_token_ids
+    return BatchScheduler(backend or guard.backend, config, guard.spec.image_token_id, eos)
 
 
 def _run_concurrently(fns) -> list:
@@ -109,27 +111,44 @@ def assert_same_generation(batched, alone) -> None:
     np.testing.assert_allclose(batched.prompt_hidden_last, alone.prompt_hidden_last, atol=1e-4)
 
 
-def _check_batched_equals_unbatched(guard, configs) -> SpyBackend:
+def _check_batched_equals_unbatched(guard, configs, eos: tuple[int, ...] | None = None) -> SpyBackend:
+    """Run `configs` (request i: question i, image i) concurrently through a scheduler and each alone; compare."""
     spy = SpyBackend(guard.backend)
-    sched = _scheduler(guard, spy, max_batch_size=len(configs))
+    sched = _scheduler(guard, spy, eos, max_batch_size=len(configs))
+    inputs = [_inputs(guard, i) for i in range(len(configs))]
     try:
-        inputs = [_inputs(guard, i) for i in range(len(configs))]
         batched = _run_concurrently([lambda i=i: sched.generate(*inputs[i], configs[i]) for i in range(len(configs))])
     finally:
         sched.close()
-    for (ids, pixels), config, got in zip(inputs, configs, batched):
-        assert_same_generation(got, _unbatched(guard, ids, pixels, config))
+    alone = [_unbatched(guard, ids, pixels, config, eos) for (ids, pixels), config in zip(inputs, configs)]
+    for got, want in zip(batched, alone):
+        assert_same_generation(got, want)
     return spy
 
 
-# Different prompt lengths (left padding), different answer lengths (rows leave at different steps), EOS honoured.
-MIXED = [DecodeConfig(max_new_tokens=n, ignore_eos=i % 2 == 0) for i, n in enumerate((12, 5, 20, 9))]
+# Different prompt lengths (left padding), answer lengths (rows leave at different steps) and samplers.
+# The random nano models always pick the same greedy token, so most requests sample (with a seed).
+MIXED = [
+    DecodeConfig(max_new_tokens=12, ignore_eos=True),
+    DecodeConfig(max_new_tokens=12, temperature=1.0, seed=1),
+    DecodeConfig(max_new_tokens=20, temperature=0.7, seed=2, ignore_eos=True),
+    DecodeConfig(max_new_tokens=9, temperature=1.0, seed=3),
+]
+
+
+def _check_mixed(guard) -> SpyBackend:
+    """MIXED with an end-of-sequence token that request 1 samples as its 4th token, so it ends early on EOS."""
+    free = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=1, ignore_eos=True)
+    eos = (_unbatched(guard, *_inputs(guard, 1), free).token_ids[3],)
+    assert _unbatched(guard, *_inputs(guard, 1), MIXED[1], eos).stop_reason == "eos"
+    spy = _check_batched_equals_unbatched(guard, MIXED, eos)
+    assert max(spy.decode_batches) == len(MIXED), "all four requests were decoded in one batch"
+    return spy
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_generation_equals_unbatched_for_each_request(guards, family):
-    spy = _check_batched_equals_unbatched(guards[family], MIXED)
-    assert max(spy.decode_batches) == len(MIXED), "all four requests were decoded in one batch"
+    _check_mixed(guards[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,8 +158,20 @@ def test_batched_generation_equals_unbatched_on_an_onnxruntime_bundle(nano_model
 
     guard = load_guard(export_nano(tmp_path_factory, nano_models[family]), UNBATCHED)
     assert guard.backend.name.startswith("onnxruntime")
-    spy = _check_batched_equals_unbatched(guard, MIXED)
-    assert max(spy.decode_batches) == len(MIXED)
+    _check_mixed(guard)
+
+
+def test_batched_generation_equals_unbatched_with_onnxruntime_io_binding(nano_models, tmp_path_factory):
+    """The cache row operations on OrtValues (the GPU path), exercised on the CPU provider."""
+    pytest.importorskip("onnx", reason="exporting a bundle needs the [export] extra")
+    from guard.backends.ort_backend import load
+    from tests.bundles import export_nano
+
+    bundle = export_nano(tmp_path_factory, nano_models["smolvlm"])
+    plain = load_guard(bundle, UNBATCHED)
+    bound = Guard(load(bundle, io_binding=True), plain.prompter, plain.heads, UNBATCHED)
+    assert bound.backend.io_binding
+    _check_mixed(bound)
 
 
 def test_seeded_sampling_gives_each_request_its_unbatched_answer(guards):
@@ -243,6 +274,38 @@ def test_a_request_whose_deadline_passed_while_queued_never_runs(guards):
     assert spy.decode_batches == []
 
 
+def test_a_request_whose_streaming_callback_raises_leaves_the_batch(guards):
+    guard = guards["smolvlm"]
+    spy = SpyBackend(guard.backend)
+    sched = _scheduler(guard, spy, max_batch_size=2)
+    config = DecodeConfig(max_new_tokens=30, ignore_eos=True)
+    inputs = [_inputs(guard, i) for i in range(2)]
+    left = threading.Event()
+
+    def broken_callback(token):
+        raise OSError("the client's stream broke")
+
+    def wait_for_the_caller_to_leave(batch):  # keeps the batch at 2 until the failing caller has left
+        if batch == 2:
+            left.wait(60)
+
+    spy.before_decode_step = wait_for_the_caller_to_leave
+
+    def failing():
+        try:
+            return sched.generate(*inputs[1], config, None, broken_callback)
+        finally:
+            left.set()
+
+    try:
+        results = _run_concurrently([lambda: sched.generate(*inputs[0], config), failing])
+    finally:
+        sched.close()
+    assert isinstance(results[1], OSError)
+    assert spy.decode_batches.count(2) <= 2 and spy.decode_batches[-1] == 1, "the abandoned request left the batch"
+    assert_same_generation(results[0], _unbatched(guard, *inputs[0], config))
+
+
 def test_an_image_that_breaks_the_vision_encoder_fails_only_its_request(guards):
     guard = guards["smolvlm"]
     spy = SpyBackend(guard.backend)
@@ -315,7 +378,7 @@ def test_streamed_deltas_add_up_to_each_final_answer_in_a_batch(guards):
             [lambda i=i: batched.answer(_req(i, 8 + 4 * i), on_text=deltas[i].append) for i in range(3)]
         )
     finally:
-        batched.batcher.close()
+        batched.close()
     for i, result in enumerate(results):
         alone = guards["smolvlm"].answer(_req(i, 8 + 4 * i))
         assert result.answer == alone.answer and result.num_tokens == alone.num_tokens
@@ -345,7 +408,7 @@ def test_a_guard_head_failure_abstains_only_for_its_request(guards):
     try:
         ok, failed = _run_concurrently([lambda: batched.answer(_req(0, 5)), lambda: batched.answer(_req(1, 7))])
     finally:
-        batched.batcher.close()
+        batched.close()
     assert failed.scores is None and failed.verdict.kind is VerdictKind.ABSTAIN and failed.answer == ""
     assert ok.scores is not None and ok.num_tokens == 5
 
@@ -359,7 +422,7 @@ def test_concurrent_grpc_requests_are_batched_and_answered_as_alone(guards):
 
     guard = guards["smolvlm"]
     spy = SpyBackend(guard.backend)
-    batched = _batched_guard(guard, spy, max_batch_size=5, max_wait_ms=2000)  # warm-up waits this long, alone
+    batched = _batched_guard(guard, spy, max_batch_size=5, max_wait_ms=5000)  # warm-up waits this long, alone
 
     def ask(i: int) -> pb.AskRequest:
         return pb.AskRequest(image=png_bytes(seed=i), media_type="image/png", question=QUESTIONS[i % 4],
@@ -377,7 +440,7 @@ def test_concurrent_grpc_requests_are_batched_and_answered_as_alone(guards):
                 replies = _run_concurrently([*(lambda i=i: stub.Ask(ask(i), timeout=120) for i in range(4)),
                                              lambda: stream(4)])
     finally:
-        batched.batcher.close()
+        batched.close()
     *answers, streamed = replies
     for i, reply in enumerate([*answers, streamed[-1].final]):
         alone = guard.answer(VqaRequest(png_bytes(seed=i), "image/png", QUESTIONS[i % 4],

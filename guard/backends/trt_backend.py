@@ -157,9 +157,10 @@ class TrtBackend:
         """Through host memory (a batch changes rarely, a step stays on the GPU)."""
         length = max(c.length for c in caches)
         with self._lock:
+            host = [[v.to_host(self._stream) for v in c.values] for c in caches]
             values = [
-                np.concatenate([np.pad(c.values[i].to_host(self._stream), ((0, 0), (0, 0), (length - c.length, 0), (0, 0)))
-                                for c in caches])
+                np.concatenate([np.pad(h[i], ((0, 0), (0, 0), (length - c.length, 0), (0, 0)))
+                                for c, h in zip(caches, host)])
                 for i in range(len(self._past))
             ]
             return TrtCache([DeviceTensor.from_host(v, self._stream) for v in values], length)
