@@ -216,10 +216,14 @@ class _Process:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, kind, str(path), threads), daemon=True)
         self.proc.start()
+        self.kind, self.path, self.info = kind, path, None
+
+    def ready(self) -> None:
+        """Wait until the model is loaded (processes load in parallel)."""
         status, self.info = self.conn.recv()
         if status != "ok":
             self.proc.join()
-            raise RuntimeError(f"loading {path} with {kind} failed: {self.info}")
+            raise RuntimeError(f"loading {self.path} with {self.kind} failed: {self.info}")
 
     def run(self, decoder: str, image: bytes, max_new_tokens: int) -> dict:
         self.conn.send(("run", decoder, image, max_new_tokens))
@@ -269,11 +273,13 @@ def bench_model(model, decoders: list[str], args) -> tuple:
         else:
             precision = d.removeprefix("ort-")
             key, kind = d, "onnxruntime"
-            path = args.bundles.get((model.label, precision)) or bundle(model, precision, args.threads)
+            path = bundle(model, precision, args.threads, args.bundles)
         if key not in procs:
             say(f"{model.label}: loading {kind} from {path}")
             procs[key] = _Process(ctx, kind, path, args.threads)
         plan[d] = procs[key]
+    for p in procs.values():
+        p.ready()
     runs: dict[str, list[dict]] = {d: [] for d in plan}
     order = list(plan)
     try:
@@ -473,13 +479,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.decoders.split(",")) - set(DECODERS)
     if unknown:
         p.error(f"unknown decoder(s) {sorted(unknown)}; choose from {','.join(DECODERS)}")
-    args.bundles = {}
-    for item in args.bundle:
-        key, sep, path = item.partition("=")
-        label, _, precision = key.partition(":")
-        if not sep or not precision:
-            p.error(f"--bundle takes MODEL:PRECISION=DIR, got {item!r}")
-        args.bundles[(label, precision)] = Path(path)
+    from benchmarks.models import parse_bundles
+
+    args.bundles = parse_bundles(args.bundle)
     return args
 
 

@@ -72,9 +72,25 @@ def resolve(spec: str) -> Model:
     raise SystemExit(f"error: unknown model {spec!r}; use one of {BUILT_IN} or NAME=PATH")
 
 
-def bundle(model: Model, precision: str, threads: int = 0) -> Path:
-    """The export bundle of `model` at `precision` (fp32, int8, int4, fp16), exported once into the cache."""
+def parse_bundles(items: list[str]) -> dict[tuple[str, str], Path]:
+    """`--bundle MODEL:PRECISION=DIR` values -> {(model label, precision): DIR}."""
+    out = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        label, _, precision = key.partition(":")
+        if not sep or not label or not precision:
+            raise SystemExit(f"error: --bundle takes MODEL:PRECISION=DIR, got {item!r}")
+        out[(label, precision)] = Path(path)
+    return out
+
+
+def bundle(model: Model, precision: str, threads: int = 0, given: dict | None = None) -> Path:
+    """The export bundle of `model` at `precision` (fp32, int8, int4, fp16): `given` (from --bundle), or
+    exported once into the cache."""
     from guard.manifest import MANIFEST_FILE
+
+    if given and (model.label, precision) in given:
+        return given[(model.label, precision)]
     from guard.spec import dir_checksum
 
     checksum = dir_checksum(model.path).removeprefix("sha256:")[:12]

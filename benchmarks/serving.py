@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     head = header("serving", argv)
     emit(head)
     model = resolve(args.model)
-    path = model.path if args.precision == "torch" else bundle(model, args.precision)
+    from guard.manifest import is_bundle
+
+    path = model.path if args.precision == "torch" or is_bundle(model.path) else bundle(model, args.precision)
     tables = server_tables(args.config, ignore_eos=not args.respect_eos)
     config_toml = to_toml(tables)
     image = phantom_png(1, size=256)
