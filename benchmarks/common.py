@@ -105,24 +105,30 @@ def stats(values: list[float]) -> dict:
             "min": float(a.min()), "max": float(a.max())}
 
 
-def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> dict:
-    """Measured memory bandwidth in GB/s (1e9 bytes), with `threads` threads each on its own slice.
+class BandwidthMeter:
+    """Memory bandwidth in GB/s (1e9 bytes), with `threads` threads each on its own slice of one array.
 
-    - copy: `np.copyto` of a float32 array; bytes read plus bytes written, over the best time;
-    - read: `np.add.reduce` (a sum) of the same array; bytes read over the best time.
-    The arrays are far larger than any cache. numpy releases the GIL in both loops,
-    so the threads run in parallel. `best_gbps` is the larger of the two: the most
-    bandwidth this machine showed, which gives the lowest (hardest) floor.
+    - copy: `np.copyto` of a float32 array; bytes read plus bytes written;
+    - read: `np.add.reduce` (a sum) of the same array; bytes read.
+    The arrays are far larger than any cache and are allocated and touched once,
+    so no sample pays for page faults. numpy releases the GIL in both loops, so
+    the threads run in parallel. A sample's `gbps` is the larger of the two.
     """
-    n = megabytes * 1024 * 1024 // 4
-    src = np.ones(n, np.float32)
-    dst = np.zeros(n, np.float32)
-    slices = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
 
-    def timed(work) -> float:
+    def __init__(self, threads: int, megabytes: int = 256):
+        n = megabytes * 1024 * 1024 // 4
+        self.threads, self.megabytes = threads, megabytes
+        self.src = np.ones(n, np.float32)
+        self.dst = np.zeros(n, np.float32)
+        self.slices = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+        self.method = (f"numpy, {threads} threads on disjoint slices of a {megabytes} MiB float32 array: "
+                       "copy = np.copyto (bytes read + written), read = np.add.reduce (bytes read); "
+                       "a sample is the larger of the two")
+
+    def _timed(self, work, repeats: int) -> float:
         best = float("inf")
         for _ in range(repeats):
-            workers = [threading.Thread(target=work, args=(s,)) for s in slices]
+            workers = [threading.Thread(target=work, args=(s,)) for s in self.slices]
             t = time.perf_counter()
             for w in workers:
                 w.start()
@@ -131,18 +137,12 @@ def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> di
             best = min(best, time.perf_counter() - t)
         return best
 
-    copy_s = timed(lambda s: np.copyto(dst[s], src[s]))
-    read_s = timed(lambda s: np.add.reduce(src[s]))
-    copy, read = 2 * src.nbytes / copy_s / 1e9, src.nbytes / read_s / 1e9
-    return {
-        "threads": threads,
-        "array_mb": megabytes,
-        "copy_gbps": round(copy, 2),
-        "read_gbps": round(read, 2),
-        "best_gbps": round(max(copy, read), 2),
-        "method": f"numpy, {threads} threads on disjoint slices of a {megabytes} MiB float32 array, best of "
-                  f"{repeats}: copy = np.copyto (read + write bytes), read = np.add.reduce (read bytes)",
-    }
+    def sample(self, repeats: int = 1) -> dict:
+        """Best of `repeats` for each kind -> {copy_gbps, read_gbps, gbps}."""
+        copy_s = self._timed(lambda s: np.copyto(self.dst[s], self.src[s]), repeats)
+        read_s = self._timed(lambda s: np.add.reduce(self.src[s]), repeats)
+        copy, read = 2 * self.src.nbytes / copy_s / 1e9, self.src.nbytes / read_s / 1e9
+        return {"copy_gbps": round(copy, 2), "read_gbps": round(read, 2), "gbps": round(max(copy, read), 2)}
 
 
 def write_json(path: Path, data) -> None:

@@ -23,7 +23,9 @@ loop makes right after it emits a token; for `generate`, from a streamer.
 
 The bandwidth floor of a decoder is the bytes of decoder weights (LM head
 included, at that precision) that one decoding step reads, over the memory
-bandwidth measured in the same run (see `common.memory_bandwidth`).
+bandwidth measured in the same run (`common.BandwidthMeter`): one sample after
+each round of decoders, so the bandwidth p50 is taken under the same
+conditions as the decoders' p50 (on a busy machine both are lower).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from benchmarks.common import (
     load_average,
     machine_lines,
     md_table,
-    memory_bandwidth,
+    BandwidthMeter,
     plot_available,
     say,
     stats,
@@ -180,7 +182,14 @@ def _weight_bytes_onnx(bundle: Path) -> int:
 
 def _worker(conn, kind: str, path: str, threads: int) -> None:
     """Serve ("info",), ("run", decoder, image, max_new_tokens) and ("stop",) requests over `conn`."""
+    import logging
+
+    logging.getLogger("guard").setLevel(logging.ERROR)  # "untrained heads" / "unverified bundle": said in the report
     try:
+        if kind == "torch":
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         guard, clock = _load(kind, path, threads)
         if kind == "torch":
             import torch
@@ -254,8 +263,9 @@ def tensorrt_status() -> str | None:
     return "not available: the TensorRT latency path has not been written into this benchmark yet"
 
 
-def bench_model(model, decoders: list[str], args) -> tuple:
-    """-> (plan, runs, skipped): the decoders' processes, their measured runs, and decoders that could not run."""
+def bench_model(model, decoders: list[str], args, meter: BandwidthMeter) -> tuple:
+    """-> (plan, runs, skipped, bandwidth samples): the decoders' processes, their measured runs, the decoders
+    that could not run, and one bandwidth sample per measured round."""
     from benchmarks.models import bundle
     from export.parity import phantom_png
 
@@ -281,6 +291,7 @@ def bench_model(model, decoders: list[str], args) -> tuple:
     for p in procs.values():
         p.ready()
     runs: dict[str, list[dict]] = {d: [] for d in plan}
+    samples: list[dict] = []
     order = list(plan)
     try:
         total = args.warmup + args.reps
@@ -291,15 +302,21 @@ def bench_model(model, decoders: list[str], args) -> tuple:
                 out = plan[d].run(d, image, args.max_new_tokens)
                 if rep >= args.warmup:
                     runs[d].append(out)
+            if rep >= args.warmup:
+                time.sleep(args.pause_s)
+                samples.append(meter.sample())
             say(f"{model.label}: {'warm-up' if rep < args.warmup else 'repetition'} {rep + 1}/{total} done "
                 f"(load {load_average()[0]})")
     finally:
         for p in procs.values():
             p.stop()
-    return plan, runs, skipped
+    return plan, runs, skipped, samples
 
 
-def summarize(model, plan, runs, skipped, gbps: float, args) -> dict:
+def summarize(model, plan, runs, skipped, samples, args) -> dict:
+    bandwidth = {"gbps": stats([x["gbps"] for x in samples]), "copy_gbps": stats([x["copy_gbps"] for x in samples]),
+                 "read_gbps": stats([x["read_gbps"] for x in samples])}
+    gbps, best_gbps = bandwidth["gbps"]["p50"], bandwidth["gbps"]["max"]
     rows = {}
     for d, proc in plan.items():
         r = runs[d]
@@ -312,9 +329,11 @@ def summarize(model, plan, runs, skipped, gbps: float, args) -> dict:
             "e2e_ms": stats([x["e2e_ms"] for x in r]),
             "weight_bytes_per_token": weights,
             "floor_ms": weights / (gbps * 1e9) * 1e3,
+            "lowest_floor_ms": weights / (best_gbps * 1e9) * 1e3,
             "info": proc.info,
         }
         row["floor_ratio"] = row["tpot_ms"]["p50"] / row["floor_ms"]
+        row["best_floor_ratio"] = row["tpot_ms"]["min"] / row["lowest_floor_ms"]
         if d != "hf-generate":
             shares = [x["stages_ms"]["guard_ms"] / x["e2e_ms"] for x in r]
             row["guard_ms"] = stats([x["stages_ms"]["guard_ms"] for x in r])
@@ -329,6 +348,7 @@ def summarize(model, plan, runs, skipped, gbps: float, args) -> dict:
         emit({"bench": "latency", "event": "decoder", "model": model.label, **{k: v for k, v in row.items()
                                                                               if k != "info"}})
     return {"model": model.label, "path": str(model.path), "note": model.note, "rows": rows, "skipped": skipped,
+            "bandwidth": bandwidth, "bandwidth_samples": samples,
             "runs": runs, "max_new_tokens": args.max_new_tokens, "reps": args.reps, "warmup": args.warmup}
 
 
@@ -356,23 +376,26 @@ def _f(x: float, digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
-def report(head: dict, bandwidth: list[dict], results: list[dict], load_end: list[float], out: Path,
+def report(head: dict, bandwidth: list[dict], method: str, results: list[dict], load_end: list[float], out: Path,
            plots: list[str]) -> str:
     lines = ["# Latency", "", *machine_lines(head, load_end)]
-    bw = bandwidth[0]
-    lines += [f"Memory bandwidth, measured in this run ({bw['method']}): "
-              + "; ".join(f"copy {b['copy_gbps']} GB/s, read {b['read_gbps']} GB/s" for b in bandwidth)
-              + f" (start; end). The floors below use the largest, {max(b['best_gbps'] for b in bandwidth)} GB/s, "
-                "so they are the lowest floors this machine showed.", ""]
+    lines += [f"Memory bandwidth ({method}): best of 5 at the start {bandwidth[0]['gbps']} GB/s "
+              f"(copy {bandwidth[0]['copy_gbps']}, read {bandwidth[0]['read_gbps']}), at the end "
+              f"{bandwidth[1]['gbps']} GB/s (copy {bandwidth[1]['copy_gbps']}, read {bandwidth[1]['read_gbps']}); "
+              "one more sample after each round of decoders, whose p50 sets each model's floor.", ""]
     for res in results:
         a = res
         lines += [f"## Model `{a['model']}`", ""]
         if a["note"]:
             lines += [f"Model: {a['note']}.", ""]
+        bw = a["bandwidth"]["gbps"]
         lines += [f"{a['max_new_tokens']} new tokens (end-of-sequence ignored), {a['warmup']} warm-ups, then "
-                  f"{a['reps']} repetitions round-robin over the decoders; times in ms, p50 unless named.", ""]
+                  f"{a['reps']} repetitions round-robin over the decoders; times in ms, p50 unless named. "
+                  f"Bandwidth during these rounds: p50 {bw['p50']:.1f} GB/s (min {bw['min']:.1f}, max {bw['max']:.1f}); "
+                  "floor = weights per token ÷ the p50 bandwidth; the last column compares the fastest token time "
+                  "with the floor at the most bandwidth seen.", ""]
         cols = ["decoder", "TTFT", "per token", "e2e p50", "e2e p95", "e2e p99", "weights/token (MB)",
-                "floor/token", "per token ÷ floor", "per token vs generate", "guard share"]
+                "floor/token", "per token ÷ floor", "per token vs generate", "guard share", "fastest ÷ lowest floor"]
         rows = []
         for d, r in a["rows"].items():
             rows.append([f"`{d}`", _f(r["ttft_ms"]["p50"]), _f(r["tpot_ms"]["p50"], 2), _f(r["e2e_ms"]["p50"]),
@@ -380,9 +403,9 @@ def report(head: dict, bandwidth: list[dict], results: list[dict], load_end: lis
                          _f(r["floor_ms"], 2), _f(r["floor_ratio"], 2) + "×",
                          (_f(r["speedup"], 2) + "× faster") if "speedup" in r else "",
                          f"{r['guard_share']['p50']:.3%} ({_f(r['guard_ms']['p50'], 2)} ms)" if "guard_share" in r
-                         else "no guard"])
+                         else "no guard", _f(r["best_floor_ratio"], 2) + "×"])
         for d, why in a["skipped"].items():
-            rows.append([f"`{d}`", why, "", "", "", "", "", "", "", "", ""])
+            rows.append([f"`{d}`", why, *[""] * (len(cols) - 2)])
         lines += [md_table(cols, rows), ""]
         stage_rows = [[f"`{d}`", *(_f(r["stages_ms_p50"][k], 2) for k in r["stages_ms_p50"])]
                       for d, r in a["rows"].items() if "stages_ms_p50" in r]
@@ -495,23 +518,24 @@ def main(argv: list[str] | None = None) -> int:
     models = [resolve(m) for m in args.models.split(",")]
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]
     say("measuring memory bandwidth")
-    bandwidth = [memory_bandwidth(args.threads, megabytes=64 if args.smoke else 256)]
-    emit({"bench": "latency", "event": "bandwidth", **bandwidth[0]})
-    measured = [(m, bench_model(m, decoders, args)) for m in models]
-    bandwidth.append(memory_bandwidth(args.threads, megabytes=64 if args.smoke else 256))
-    emit({"bench": "latency", "event": "bandwidth", **bandwidth[1]})
-    best = max(b["best_gbps"] for b in bandwidth)  # floors from the most bandwidth seen in the run
-    results = [summarize(m, *raw, best, args) for m, raw in measured]
+    meter = BandwidthMeter(args.threads, megabytes=32 if args.smoke else 256)
+    bandwidth = [meter.sample(repeats=5)]
+    emit({"bench": "latency", "event": "bandwidth", "when": "start", "method": meter.method, **bandwidth[0]})
+    measured = [(m, bench_model(m, decoders, args, meter)) for m in models]
+    bandwidth.append(meter.sample(repeats=5))
+    emit({"bench": "latency", "event": "bandwidth", "when": "end", "method": meter.method, **bandwidth[1]})
+    results = [summarize(m, *raw, args) for m, raw in measured]
     load_end = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     for res in results:
         for t in check_targets(res):
             emit({"bench": "latency", "event": "target", "model": res["model"], **t})
     plots = plot(results, args.out)
-    write_json(args.out / "latency.json", {"header": head, "bandwidth": bandwidth, "load_average_end": load_end,
+    write_json(args.out / "latency.json", {"header": head, "bandwidth": bandwidth, "bandwidth_method": meter.method,
+                                           "load_average_end": load_end,
                                            "results": results, "targets": {r["model"]: check_targets(r)
                                                                             for r in results}})
-    report(head, bandwidth, results, load_end, args.out, plots)
+    report(head, bandwidth, meter.method, results, load_end, args.out, plots)
     emit({"bench": "latency", "event": "done", "report": str(args.out / "latency.md"),
           "json": str(args.out / "latency.json"), "plots": plots})
     say(f"wrote {args.out / 'latency.md'}")
