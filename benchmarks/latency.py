@@ -161,14 +161,34 @@ def _weight_bytes_torch(guard) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _weight_bytes_onnx(bundle: Path) -> int:
-    """Bytes of the decoder graph's initializers, at the bundle's precision (int8/int4 weights, scales, zero points)."""
+_QUANTIZED_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearMatMul")
+
+
+def _onnx_decoder_info(bundle: Path) -> dict:
+    """Weight bytes one step reads (the decoder graph's initializers, at the bundle's precision: int8/int4 weights,
+    scales, zero points), and which MatMuls with a constant weight are quantized (the LM head included?)."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo
 
     from guard.manifest import load_manifest
 
     model = onnx.load(str(bundle / load_manifest(bundle).graphs["decoder"].file), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", *_QUANTIZED_MATMULS)
+                and any(i in inits for i in n.input[1:2])]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    head = producer.get("logits")
+    while head is not None and head.op_type not in ("MatMul", "Gemm", *_QUANTIZED_MATMULS):  # through Cast/Mul
+        head = producer.get(head.input[0])
+    return {"weight_bytes_per_token": _initializer_bytes(model),
+            "matmuls_with_weights": len(weighted),
+            "quantized_matmuls": sum(n.op_type in _QUANTIZED_MATMULS for n in weighted),
+            "lm_head_op": head.op_type if head is not None else "unknown"}
+
+
+def _initializer_bytes(model) -> int:
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
     total = 0
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -198,8 +218,7 @@ def _worker(conn, kind: str, path: str, threads: int) -> None:
             info = {"backend": guard.backend.name, "weight_bytes_per_token": _weight_bytes_torch(guard),
                     "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}
         else:
-            info = {"backend": guard.backend.name, "weight_bytes_per_token": _weight_bytes_onnx(Path(path)),
-                    "threads": threads}
+            info = {"backend": guard.backend.name, **_onnx_decoder_info(Path(path)), "threads": threads}
         conn.send(("ok", info))
     except Exception as e:  # the parent reports it; never hang it
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -413,6 +432,11 @@ def report(head: dict, bandwidth: list[dict], method: str, results: list[dict], 
             lines += ["Where the guard decoders' time goes (Timings, p50 ms):", "",
                       md_table(["decoder", "preprocess", "vision", "prefill", "decode", "guard (heads + policy)"],
                                stage_rows), ""]
+        quant = [f"`{d}` {r['info']['quantized_matmuls']}/{r['info']['matmuls_with_weights']} (LM head: "
+                 f"{r['info']['lm_head_op']})" for d, r in a["rows"].items() if "quantized_matmuls" in r["info"]]
+        if quant:
+            lines += ["Quantized MatMuls with a constant weight, of all of them, in each decoder graph: "
+                      + "; ".join(quant) + ".", ""]
         targets = check_targets(a)
         lines += ["Targets:", ""]
         for t in targets:
