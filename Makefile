@@ -14,6 +14,8 @@ help:
 	@echo "make test       the fast test suite (what CI runs)"
 	@echo "make test-slow  the tests marked slow"
 	@echo "make proto      regenerate server/pb from proto/ (never edit generated files)"
+	@echo "make bench      latency, export parity and serving benchmarks -> benchmarks/results/ (15-20 min idle, 2 cores)"
+	@echo "make bench-smoke the same scripts in seconds on the nano model (plumbing only) -> .bench-smoke/"
 
 $(PY):
 	python3 -m venv $(VENV)
