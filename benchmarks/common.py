@@ -162,7 +162,9 @@ def machine_lines(head: dict, load_end: list[float] | None = None) -> list[str]:
     load = f"load average (1/5/15 min) {head['load_average']} at the start"
     if load_end is not None:
         load += f", {load_end} at the end"
-    busy = max(head["load_average"][0], *(load_end or [0.0])[:1]) > 0.5 * (head["cpu_count"] or 1)
+    # Before the run, any load is other jobs'; at the end, the benchmark's own threads count too.
+    cores = head["cpu_count"] or 1
+    busy = head["load_average"][0] > 0.5 * cores or (load_end is not None and load_end[0] > 1.25 * cores)
     lines = [
         f"Command: `{head['command']}`",
         "",
