@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo build-default eval-default proto clean help soak lint-deploy
+.PHONY: install test test-slow demo build-default eval-default proto clean help soak lint-deploy bench bench-smoke
 
 help:
 	@echo "make demo       build a demo model if missing, serve it on loopback, ask one question, shut down"
@@ -16,6 +16,8 @@ help:
 	@echo "make proto      regenerate server/pb from proto/ (never edit generated files)"
 	@echo "make soak       fault and soak test: 2,000 mixed requests at concurrency 32 on a real server"
 	@echo "make lint-deploy  lint the Dockerfiles (hadolint) and validate the Kubernetes manifests"
+	@echo "make bench      latency, export parity and serving benchmarks -> benchmarks/results/ (15-20 min idle, 2 cores)"
+	@echo "make bench-smoke the same scripts in seconds on the nano model (plumbing only) -> .bench-smoke/"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,7 +26,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	# torch first: 2.13.0 is the local CPU build; any other version downloads a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[train,export,eval,dev]"
+	$(PIP) install --quiet -e ".[train,export,eval,dev,bench]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -44,6 +46,18 @@ build-default: $(STAMP)
 
 eval-default: $(STAMP)
 	$(VENV)/bin/medhallguard eval-default --out reports/default
+
+# Benchmarks print JSON lines and write Markdown reports; `make bench` rewrites benchmarks/results/.
+BENCH_SMOKE_OUT ?= .bench-smoke
+bench: $(STAMP)
+	$(PY) -m benchmarks.latency
+	$(PY) -m benchmarks.parity
+	$(PY) -m benchmarks.serving
+
+bench-smoke: $(STAMP)
+	$(PY) -m benchmarks.latency --smoke --out $(BENCH_SMOKE_OUT)
+	$(PY) -m benchmarks.parity --smoke --out $(BENCH_SMOKE_OUT)
+	$(PY) -m benchmarks.serving --smoke --out $(BENCH_SMOKE_OUT)
 
 proto: $(STAMP)
 	$(PY) -m server.codegen

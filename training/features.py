@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard.decode import entropy, log_softmax
+from guard.decode import token_stats
 from guard.families import family_for
 from guard.types import Generation
 
@@ -102,11 +102,11 @@ def teacher_force_batch(tm: TorchModel, prompts: list[list[int]], answers: list[
     gens = []
     for row, (p, a) in enumerate(zip(prompts, answers)):
         rows = slice(len(p) - 1, len(p) - 1 + len(a))  # positions whose logits predict the answer tokens
-        logp = log_softmax(logits[row, rows])
+        logprobs, entropies = token_stats(logits[row, rows], np.array(a))
         gens.append(Generation(
             token_ids=list(a),
-            logprobs=logp[np.arange(len(a)), a].astype(np.float32),
-            entropies=entropy(logp).astype(np.float32),
+            logprobs=logprobs,
+            entropies=entropies,
             hidden_mid=mid[row, rows],
             hidden_last=last[row, rows],
             prompt_hidden_mid=mid[row, len(p) - 1],

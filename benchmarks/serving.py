@@ -1,0 +1,343 @@
+"""Serving: a bounded load generator over gRPC on loopback, at several concurrency levels.
+
+It starts `medhallguard serve` as a child process on a free loopback port
+(server/launch.py `served`), with the server configuration you give it
+(`--config FILE.toml`, passed through as it is; only `[decode] ignore_eos`
+is added so every answer has exactly `--max-new-tokens` tokens, unless
+`--respect-eos`). Then, for each concurrency level C, C clients on one
+asyncio channel send `Ask` requests back to back until `--requests` have been
+sent (after C warm-up requests that are not counted), and it reports:
+
+- throughput: completed requests per second and new tokens per second;
+- latency p50/p95/p99 of the successful requests, as the client saw them;
+- errors by gRPC status code (e.g. RESOURCE_EXHAUSTED when the queue is full);
+- the gRPC overhead at concurrency 1: the same request alternately over gRPC
+  and through an in-process `Guard.answer` (same model and configuration,
+  loaded in this process), p50 against p50; and, per request, client latency
+  minus the server's own `total_ms` (transport and serialization).
+
+Whatever the server does with concurrent requests (worker threads, dynamic
+batching, queue bounds) comes from its configuration; this script only measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    emit,
+    header,
+    load_average,
+    machine_lines,
+    md_table,
+    plot_available,
+    say,
+    stats,
+    write_json,
+)
+
+QUESTION = "Is there a nodule in the right lung? Describe its size and location."
+PRECISIONS = ("torch", "fp32", "int8", "int4")
+DEFAULT_CONFIG = Path(__file__).with_name("serving.toml")
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ValueError(f"cannot write {type(v).__name__} values to TOML")
+
+
+def to_toml(tables: dict, prefix: str = "") -> str:
+    """Tables of scalars (and nested tables) -> TOML text; what tomllib reads back is `tables`."""
+    lines = []
+    for name, table in tables.items():
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines.append(f"[{prefix}{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        lines.append("")
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if nested:
+            lines.append(to_toml(nested, f"{prefix}{name}."))
+    return "\n".join(lines)
+
+
+def server_tables(config: Path | None, ignore_eos: bool) -> dict:
+    """The TOML tables the server gets: the given file, plus [decode] ignore_eos for fixed-length answers."""
+    tables = {}
+    if config is not None:
+        with open(config, "rb") as f:
+            tables = tomllib.load(f)
+    if ignore_eos:
+        tables.setdefault("decode", {})["ignore_eos"] = True
+    return tables
+
+
+# --- the load generator -------------------------------------------------------------------
+
+
+def _ask_request(image: bytes, max_new_tokens: int, i: int):
+    from server.pb.medhallguard.v1 import guard_pb2 as pb
+
+    return pb.AskRequest(image=image, media_type="image/png", question=QUESTION, request_id=f"bench-{i}",
+                         generation=pb.GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0))
+
+
+async def _level(address: str, image: bytes, concurrency: int, requests: int, max_new_tokens: int,
+                 deadline_s: float) -> dict:
+    """C clients back to back until `requests` are sent; C warm-up requests first (not counted)."""
+    import grpc
+
+    from server.pb.medhallguard.v1 import guard_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.MedHallGuardStub(channel)
+        await asyncio.gather(*(stub.Ask(_ask_request(image, max_new_tokens, -1 - i), timeout=deadline_s)
+                               for i in range(concurrency)), return_exceptions=True)
+        sent = 0
+        records: list[dict] = []
+
+        async def client() -> None:
+            nonlocal sent
+            while sent < requests:
+                i = sent
+                sent += 1
+                t = time.perf_counter()
+                try:
+                    r = await stub.Ask(_ask_request(image, max_new_tokens, i), timeout=deadline_s)
+                    records.append({"code": "OK", "latency_ms": (time.perf_counter() - t) * 1e3,
+                                    "server_total_ms": r.timings.total_ms, "tokens": r.num_tokens})
+                except grpc.aio.AioRpcError as e:
+                    records.append({"code": e.code().name, "latency_ms": (time.perf_counter() - t) * 1e3})
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in records if r["code"] == "OK"]
+    codes: dict[str, int] = {}
+    for r in records:
+        codes[r["code"]] = codes.get(r["code"], 0) + 1
+    return {
+        "concurrency": concurrency,
+        "requests": len(records),
+        "ok": len(ok),
+        "errors_by_code": {k: v for k, v in codes.items() if k != "OK"},
+        "wall_s": wall,
+        "throughput_rps": len(ok) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "latency_ms": stats([r["latency_ms"] for r in ok]),
+        "server_total_ms": stats([r["server_total_ms"] for r in ok]),
+        "load_average": load_average(),
+    }
+
+
+def _overhead(address: str, guard, image: bytes, n: int, max_new_tokens: int) -> dict:
+    """Concurrency 1: the same request alternately over gRPC and in-process; -> p50s and their difference."""
+    import dataclasses
+
+    import grpc
+
+    from guard.types import VqaRequest
+    from server.pb.medhallguard.v1 import guard_pb2_grpc as pb_grpc
+
+    decode = dataclasses.replace(guard.config.decode, max_new_tokens=max_new_tokens, temperature=0.0)
+    grpc_ms, server_ms, local_ms = [], [], []
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.MedHallGuardStub(channel)
+        for i in range(n + 1):  # the first pair warms both paths
+            t = time.perf_counter()
+            r = stub.Ask(_ask_request(image, max_new_tokens, 10_000 + i), timeout=600)
+            g = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            guard.answer(VqaRequest(image, "image/png", QUESTION, decode))
+            local = (time.perf_counter() - t) * 1e3
+            if i:
+                grpc_ms.append(g)
+                server_ms.append(r.timings.total_ms)
+                local_ms.append(local)
+    g50, l50 = stats(grpc_ms)["p50"], stats(local_ms)["p50"]
+    transport = stats([a - b for a, b in zip(grpc_ms, server_ms)])
+    return {"pairs": n, "grpc_ms": stats(grpc_ms), "in_process_ms": stats(local_ms), "server_total_ms": stats(server_ms),
+            "overhead_p50_ms": g50 - l50, "overhead_p50_share": (g50 - l50) / g50,
+            "client_minus_server_ms": transport}
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def report(head: dict, run: dict, out: Path, plots: list[str]) -> None:
+    lines = ["# Serving", "", *machine_lines(head, run["load_average_end"])]
+    lines += [f"Model `{run['model']}` ({run['path']}), served as `{run['backend']}`"
+              + (f"; {run['note']}" if run["note"] else "") + ".",
+              f"{run['max_new_tokens']} new tokens per request"
+              + (" (end-of-sequence ignored)" if run["ignore_eos"] else " (stops at end-of-sequence)")
+              + f"; {run['requests']} requests per level after as many warm-up requests as clients; the client is "
+                "one asyncio gRPC channel in this process, on the same machine as the server.", "",
+              "Server configuration (TOML as given to `medhallguard serve`):", "", "```toml",
+              run["config_toml"].strip() or "# (defaults)", "```", ""]
+    rows = []
+    for lv in run["levels"]:
+        lat = lv["latency_ms"]
+        errors = ", ".join(f"{k} {v}" for k, v in lv["errors_by_code"].items()) or "none"
+        rows.append([lv["concurrency"], f"{lv['ok']}/{lv['requests']}", f"{lv['throughput_rps']:.2f}",
+                     f"{lv['tokens_per_s']:.1f}", *(f"{lat.get(k, float('nan')):.0f}" for k in ("p50", "p95", "p99")),
+                     errors, lv["load_average"][0]])
+    lines += [md_table(["concurrency", "ok/sent", "requests/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms",
+                        "errors by status", "load (1 min)"], rows), ""]
+    o = run["overhead"]
+    lines += ["gRPC overhead at concurrency 1 (the same request alternately over gRPC and in-process, "
+              f"{o['pairs']} pairs): gRPC p50 {o['grpc_ms']['p50']:.1f} ms, in-process `Guard.answer` p50 "
+              f"{o['in_process_ms']['p50']:.1f} ms, difference {o['overhead_p50_ms']:.1f} ms "
+              f"({o['overhead_p50_share']:.1%} of the gRPC time); client latency minus the server's own total_ms: "
+              f"p50 {o['client_minus_server_ms']['p50']:.2f} ms, p99 {o['client_minus_server_ms']['p99']:.2f} ms.", ""]
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+    (out / "serving.md").write_text("\n".join(lines))
+
+
+def plot(run: dict, out: Path) -> list[str]:
+    if not plot_available():
+        say("matplotlib is not installed: no plots")
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in run["levels"] if lv["ok"]]
+    if not levels:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    c = [lv["concurrency"] for lv in levels]
+    ax.plot(c, [lv["throughput_rps"] for lv in levels], "o-", color="#4c72b0", label="requests/s")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests/s", color="#4c72b0")
+    ax.set_xscale("log", base=2)
+    ax2 = ax.twinx()
+    ax2.plot(c, [lv["latency_ms"]["p50"] for lv in levels], "s--", color="#c44e52", label="p50")
+    ax2.plot(c, [lv["latency_ms"]["p99"] for lv in levels], "^:", color="#8c2d2d", label="p99")
+    ax2.set_ylabel("latency ms (p50, p99)", color="#c44e52")
+    ax.set_title(f"Serving {run['model']} ({run['backend']}) over gRPC")
+    fig.tight_layout()
+    name = f"serving_{run['model']}.png"
+    fig.savefig(out / name)
+    plt.close(fig)
+    return [name]
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m benchmarks.serving                                  # default model, int8 bundle, 1/4/16\n"
+               "  python -m benchmarks.serving --concurrency 1,4,8,16 --requests 64\n"
+               "  python -m benchmarks.serving --model 256m --precision fp32 --config my-server.toml\n"
+               "  python -m benchmarks.serving --smoke                          # seconds: nano, torch, 1/2",
+    )
+    p.add_argument("--model", default="default", help="default, nano, 256m or NAME=MODEL_DIR (default: default)")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
+                   help="torch: serve the model directory; fp32/int8/int4: serve its export bundle (default int8)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="server TOML passed to `medhallguard serve` (default benchmarks/serving.toml); "
+                        "`none` for the server's defaults")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=32, help="requests sent per level, after the warm-up (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="new tokens per request (default 16)")
+    p.add_argument("--respect-eos", action="store_true", help="stop at end-of-sequence (answers of varying length)")
+    p.add_argument("--overhead-pairs", type=int, default=10,
+                   help="gRPC / in-process pairs for the overhead figure (default 10)")
+    p.add_argument("--deadline-s", type=float, default=600.0, help="per-request gRPC deadline (default 600)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default benchmarks/results)")
+    p.add_argument("--smoke", action="store_true", help="seconds: nano model, torch, concurrency 1,2, 4 requests")
+    args = p.parse_args(argv)
+    if args.smoke:
+        if args.model == "default":
+            args.model = "nano"
+        args.precision = "torch" if "--precision" not in argv else args.precision
+        args.concurrency = "1,2" if "--concurrency" not in argv else args.concurrency
+        args.requests, args.max_new_tokens, args.overhead_pairs = 4, 4, 2
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency takes comma-separated integers, got {args.concurrency!r}")
+    if min(args.levels) < 1 or args.requests < 1 or args.overhead_pairs < 1:
+        p.error("--concurrency levels, --requests and --overhead-pairs must be >= 1")
+    if str(args.config).lower() == "none":
+        args.config = None
+    elif not args.config.is_file():
+        p.error(f"--config {args.config} does not exist")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    from benchmarks.models import bundle, resolve
+    from export.parity import phantom_png
+    from guard.runtime import GuardConfig, load_guard
+    from server.launch import served
+
+    head = header("serving", argv)
+    emit(head)
+    model = resolve(args.model)
+    from guard.manifest import is_bundle
+
+    path = model.path if args.precision == "torch" or is_bundle(model.path) else bundle(model, args.precision)
+    tables = server_tables(args.config, ignore_eos=not args.respect_eos)
+    config_toml = to_toml(tables)
+    image = phantom_png(1, size=256)
+    os.environ.setdefault("MEDHALLGUARD_LOG_LEVEL", "WARNING")  # the child logs no line per request
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "server.toml"
+        config_path.write_text(config_toml)
+        say(f"starting `medhallguard serve` on {path} with {args.config or 'the default configuration'}")
+        with served(path, config_path, ready_timeout_s=600, log=say) as address:
+            guard = load_guard(path, GuardConfig.from_dict({k: v for k, v in tables.items() if k != "server"}))
+            say(f"gRPC overhead: {args.overhead_pairs} pairs of gRPC and in-process requests")
+            overhead = _overhead(address, guard, image, args.overhead_pairs, args.max_new_tokens)
+            emit({"bench": "serving", "event": "overhead", **overhead})
+            backend = guard.backend.name
+            del guard
+            levels = []
+            for c in args.levels:
+                say(f"concurrency {c}: {args.requests} requests (load {load_average()[0]})")
+                lv = asyncio.run(_level(address, image, c, args.requests, args.max_new_tokens, args.deadline_s))
+                emit({"bench": "serving", "event": "level", "model": model.label, **lv})
+                levels.append(lv)
+    run = {"model": model.label, "path": str(path), "note": model.note, "backend": backend,
+           "precision": args.precision, "config_toml": config_toml, "ignore_eos": not args.respect_eos,
+           "max_new_tokens": args.max_new_tokens, "requests": args.requests, "levels": levels,
+           "overhead": overhead, "load_average_end": load_average()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = plot(run, args.out)
+    write_json(args.out / "serving.json", {"header": head, **run})
+    report(head, run, args.out, plots)
+    emit({"bench": "serving", "event": "done", "report": str(args.out / "serving.md"),
+          "json": str(args.out / "serving.json"), "plots": plots})
+    say(f"wrote {args.out / 'serving.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The benchmark scripts in smoke mode on the nano model: well-formed JSON lines and reports (never a time)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the [export] extra)")
+pytest.importorskip("onnx", reason="the benchmarks export bundles (the [export] extra)")
+
+from tests.bundles import export_nano  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def nano(tmp_path_factory, nano_models):
+    """The nano smolvlm model and its fp32/int8/int4 bundles (shared with the export tests)."""
+    model = nano_models["smolvlm"]
+    bundles = [f"nano:{p}={export_nano(tmp_path_factory, model, precision=p)}" for p in ("fp32", "int8", "int4")]
+    return model, [arg for b in bundles for arg in ("--bundle", b)]
+
+
+def _run(module: str, args: list[str], tmp_path: Path) -> list[dict]:
+    """Run `python -m benchmarks.<module>` with its own cache; -> its stdout as JSON objects (every line one)."""
+    env = {**os.environ, "MEDHALLGUARD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--out", str(tmp_path / "out"),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(r["bench"] == module for r in lines)
+    assert lines[0]["event"] == "header" and lines[-1]["event"] == "done"
+    assert lines[0]["cpu_count"] >= 1 and len(lines[0]["load_average"]) == 3
+    return lines
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_latency_smoke_reports_every_decoder_and_skips_tensorrt_with_a_reason(nano, tmp_path):
+    model, bundles = nano
+    lines = _run("latency", ["--models", f"nano={model}", "--threads", "1", *bundles], tmp_path)
+    rows = {r["decoder"]: r for r in lines if r["event"] == "decoder"}
+    assert set(rows) == {"hf-generate", "torch", "ort-fp32", "ort-int8", "ort-int4"}
+    for r in rows.values():
+        assert all(_number(r[k][q]) for k in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("p50", "p95", "p99"))
+        assert r["weight_bytes_per_token"] > 0 and _number(r["floor_ms"]) and _number(r["speedup"])
+    assert all(0 <= rows[d]["guard_share"]["p50"] <= 1 for d in rows if d != "hf-generate")
+    assert "guard_share" not in rows["hf-generate"]  # generate has no guard
+    # int8 and int4 decoders read fewer weight bytes per token than fp32
+    assert rows["ort-int4"]["weight_bytes_per_token"] < rows["ort-int8"]["weight_bytes_per_token"] \
+        < rows["ort-fp32"]["weight_bytes_per_token"]
+    skipped = [r for r in lines if r["event"] == "skipped"]
+    assert [r["decoder"] for r in skipped] == ["tensorrt"] and "not available" in skipped[0]["reason"]
+    assert {r["event"] for r in lines} >= {"bandwidth", "target"}
+    report = (tmp_path / "out" / "latency.md").read_text()
+    assert "## Model `nano`" in report and "Targets:" in report and "`ort-int8`" in report
+    assert json.loads((tmp_path / "out" / "latency.json").read_text())["results"][0]["model"] == "nano"
+
+
+def test_parity_smoke_reports_each_precision_against_the_gate(nano, tmp_path):
+    model, bundles = nano
+    lines = _run("parity", ["--models", f"nano={model}", "--threads", "1", *bundles], tmp_path)
+    rows = {r["precision"]: r for r in lines if r["event"] == "precision"}
+    assert set(rows) == {"fp32", "int8", "int4"}
+    for r in rows.values():
+        assert 0 <= r["token_agreement"] <= 1 and _number(r["logits_max_abs_diff"])
+        assert isinstance(r["gate_passes"], bool) and isinstance(r["gate_failures"], list)
+    assert "| fp32 |" in (tmp_path / "out" / "parity.md").read_text()
+
+
+def test_serving_smoke_reports_each_concurrency_level_and_the_grpc_overhead(nano, tmp_path):
+    _, bundles = nano  # a bundle: the server starts without importing torch
+    lines = _run("serving", ["--model", "nano=" + bundles[1].partition("=")[2], "--config", "none"], tmp_path)
+    levels = [r for r in lines if r["event"] == "level"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["requests"] == 4 and lv["ok"] + sum(lv["errors_by_code"].values()) == lv["requests"]
+        assert _number(lv["throughput_rps"]) and _number(lv["latency_ms"]["p99"])
+    overhead = next(r for r in lines if r["event"] == "overhead")
+    assert _number(overhead["overhead_p50_ms"]) and _number(overhead["client_minus_server_ms"]["p50"])
+    assert "| concurrency |" in (tmp_path / "out" / "serving.md").read_text()
