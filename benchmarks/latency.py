@@ -88,11 +88,14 @@ class _Clock:
 
 
 def _load(kind: str, path: str, threads: int):
+    from guard.batching import BatchingConfig
     from guard.policy import PolicyConfig
     from guard.runtime import BackendConfig, Guard, GuardConfig, load_guard
 
-    config = GuardConfig(backend=BackendConfig(kind=kind, threads=threads),
-                         policy=PolicyConfig(allow_untrained_heads=True))  # random heads: run the whole policy
+    # One request at a time: the unbatched path (batching would only add its max_wait_ms here;
+    # benchmarks/serving.py measures concurrent load). Random heads: still run the whole policy.
+    config = GuardConfig(backend=BackendConfig(kind=kind, threads=threads), batching=BatchingConfig(enabled=False),
+                         policy=PolicyConfig(allow_untrained_heads=True))
     guard = load_guard(path, config)
     clock = _Clock(guard.backend)
     return Guard(clock, guard.prompter, guard.heads, config), clock
