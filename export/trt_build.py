@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.batching import BatchingConfig
 from guard.manifest import GraphInfo, Manifest
 
 ENGINE_DIR = "engines"
@@ -32,9 +33,11 @@ ROLES = ("vision", "embed", "decoder")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 1
-    """Largest batch in the profiles (the runtime decodes one sequence per call)."""
-    max_images: int = 1
+    max_batch: int = BatchingConfig().max_batch_size
+    """Largest batch in the profiles: the batch scheduler decodes up to `batching.max_batch_size`
+    sequences per call, so an engine built for less would fail under concurrent load."""
+    max_images: int = BatchingConfig().max_batch_size
+    """Largest vision batch: the scheduler encodes all newcomers' images in one call."""
     max_sequence: int = 2048
     """Longest prompt + answer, in tokens."""
     opt_sequence: int = 256
