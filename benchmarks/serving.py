@@ -33,6 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     RESULTS_DIR,
+    done,
     emit,
     header,
     load_average,
@@ -333,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = plot(run, args.out)
     write_json(args.out / "serving.json", {"header": head, **run})
     report(head, run, args.out, plots)
-    emit({"bench": "serving", "event": "done", "report": str(args.out / "serving.md"),
-          "json": str(args.out / "serving.json"), "plots": plots})
-    say(f"wrote {args.out / 'serving.md'}")
+    done("serving", args.out, plots=plots)
     return 0
 
 
