@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, name: str, batching: bool, concurrency: int, requests: int, images: list[bytes]) -> dict:
     import grpc
 
-    from server.launch import served
+    from server.launch import served_process
     from server.pb.medhallguard.v1 import guard_pb2 as pb
     from server.pb.medhallguard.v1 import guard_pb2_grpc as pb_grpc
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "probe.toml"
         config.write_text(_config(args, batching, concurrency))
-        with served(args.model, config, ready_timeout_s=600) as address, grpc.insecure_channel(address) as channel:
+        with served_process(args.model, config, ready_timeout_s=600) as (address, server), \
+                grpc.insecure_channel(address) as channel:
             stub = pb_grpc.MedHallGuardStub(channel)
 
             def ask(i: int) -> tuple[float, pb.AskResponse]:
@@ -98,14 +99,13 @@ def _run(args, name: str, batching: bool, concurrency: int, requests: int, image
                         latencies.append(latency)
                         replies.append(reply)
 
-            server_pid = _child_pid()
-            cpu0, t0 = _cpu_s(server_pid), time.perf_counter()
+            cpu0, t0 = _cpu_s(server.pid), time.perf_counter()
             clients = [threading.Thread(target=client) for _ in range(concurrency)]
             for c in clients:
                 c.start()
             for c in clients:
                 c.join()
-            wall, cpu = time.perf_counter() - t0, _cpu_s(server_pid) - cpu0
+            wall, cpu = time.perf_counter() - t0, _cpu_s(server.pid) - cpu0
     tokens = sum(r.num_tokens for r in replies)
     ms = lambda q: round(float(np.percentile(latencies, q)) * 1e3, 1)  # noqa: E731
     mean = lambda field: round(statistics.fmean(getattr(r.timings, field) for r in replies), 1)  # noqa: E731
@@ -118,17 +118,6 @@ def _run(args, name: str, batching: bool, concurrency: int, requests: int, image
         "mean_timings_ms": {f: mean(f) for f in ("vision_ms", "prefill_ms", "decode_ms", "total_ms")},
         "backend": replies[0].backend, "model_id": replies[0].model_id,
     }
-
-
-def _child_pid() -> int:
-    """The server: this process's only child (server/launch.py started it)."""
-    import os
-
-    pid = os.getpid()
-    children = [int(c) for t in os.listdir(f"/proc/{pid}/task")
-                for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
-    assert len(children) == 1, f"expected one child process (the server), found {children}"
-    return children[0]
 
 
 def _cpu_s(pid: int) -> float:

@@ -145,6 +145,22 @@ class BandwidthMeter:
         return {"copy_gbps": round(copy, 2), "read_gbps": round(read, 2), "gbps": round(max(copy, read), 2)}
 
 
+def subset(parser, text: str, choices: tuple[str, ...], noun: str) -> list[str]:
+    """Comma-separated `text` -> the names it gives, in `choices` order; an unknown name is a usage error."""
+    names = text.split(",")
+    unknown = set(names) - set(choices)
+    if unknown:
+        parser.error(f"unknown {noun}(s) {sorted(unknown)}; choose from {','.join(choices)}")
+    return [c for c in choices if c in names]
+
+
+def done(bench: str, out: Path, **extra) -> None:
+    """The run's last JSON line (where the report and the figures went), and the same in words."""
+    emit({"bench": bench, "event": "done", "report": str(out / f"{bench}.md"), "json": str(out / f"{bench}.json"),
+          **extra})
+    say(f"wrote {out / f'{bench}.md'}")
+
+
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")

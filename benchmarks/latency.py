@@ -39,6 +39,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     RESULTS_DIR,
+    done,
     emit,
     header,
     load_average,
@@ -48,6 +49,7 @@ from benchmarks.common import (
     plot_available,
     say,
     stats,
+    subset,
     write_json,
 )
 
@@ -539,9 +541,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--max-new-tokens must be at least 3 (time per token needs two gaps)")
     if args.reps < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--reps and --threads must be >= 1, --warmup >= 0")
-    unknown = set(args.decoders.split(",")) - set(DECODERS)
-    if unknown:
-        p.error(f"unknown decoder(s) {sorted(unknown)}; choose from {','.join(DECODERS)}")
+    args.decoders = subset(p, args.decoders, DECODERS, "decoder")
     from benchmarks.models import parse_bundles
 
     args.bundles = parse_bundles(args.bundle)
@@ -556,12 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     head = header("latency", argv)
     emit(head)
     models = [resolve(m) for m in args.models.split(",")]
-    decoders = [d for d in DECODERS if d in args.decoders.split(",")]
     say("measuring memory bandwidth")
     meter = BandwidthMeter(args.threads, megabytes=32 if args.smoke else 256)
     bandwidth = [meter.sample(repeats=5)]
     emit({"bench": "latency", "event": "bandwidth", "when": "start", "method": meter.method, **bandwidth[0]})
-    measured = [(m, bench_model(m, decoders, args, meter)) for m in models]
+    measured = [(m, bench_model(m, args.decoders, args, meter)) for m in models]
     bandwidth.append(meter.sample(repeats=5))
     emit({"bench": "latency", "event": "bandwidth", "when": "end", "method": meter.method, **bandwidth[1]})
     results = [summarize(m, *raw, args) for m, raw in measured]
@@ -576,9 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "results": results, "targets": {r["model"]: check_targets(r)
                                                                             for r in results}})
     report(head, bandwidth, meter.method, results, load_end, args.out, plots)
-    emit({"bench": "latency", "event": "done", "report": str(args.out / "latency.md"),
-          "json": str(args.out / "latency.json"), "plots": plots})
-    say(f"wrote {args.out / 'latency.md'}")
+    done("latency", args.out, plots=plots)
     return 0
 
 

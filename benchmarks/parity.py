@@ -21,7 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, emit, header, load_average, machine_lines, md_table, say, write_json
+from benchmarks.common import (RESULTS_DIR, done, emit, header, load_average, machine_lines, md_table, say, subset,
+                               write_json)
 
 PRECISIONS = ("fp32", "int8", "int4")
 
@@ -108,9 +109,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.models == "default,256m":
             args.models = "nano"
         args.prompts, args.max_new_tokens = 1, 4
-    unknown = set(args.precisions.split(",")) - set(PRECISIONS)
-    if unknown:
-        p.error(f"unknown precision(s) {sorted(unknown)}; choose from {','.join(PRECISIONS)}")
+    args.precisions = subset(p, args.precisions, PRECISIONS, "precision")
     if args.prompts < 1 or args.max_new_tokens < 1:
         p.error("--prompts and --max-new-tokens must be >= 1")
     from benchmarks.models import parse_bundles
@@ -126,17 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 
     head = header("parity", argv)
     emit(head)
-    precisions = [p for p in PRECISIONS if p in args.precisions.split(",")]
     results = []
     for spec in args.models.split(","):
-        results += bench_model(resolve(spec), precisions, args)
+        results += bench_model(resolve(spec), args.precisions, args)
     load_end = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "parity.json", {"header": head, "load_average_end": load_end, "results": results})
     report(head, results, load_end, args, args.out)
-    emit({"bench": "parity", "event": "done", "report": str(args.out / "parity.md"),
-          "json": str(args.out / "parity.json")})
-    say(f"wrote {args.out / 'parity.md'}")
+    done("parity", args.out)
     return 0
 
 

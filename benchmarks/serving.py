@@ -33,6 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     RESULTS_DIR,
+    done,
     emit,
     header,
     load_average,
@@ -171,9 +172,10 @@ def _overhead(address: str, guard, image: bytes, n: int, max_new_tokens: int) ->
                 grpc_ms.append(g)
                 server_ms.append(r.timings.total_ms)
                 local_ms.append(local)
-    g50, l50 = stats(grpc_ms)["p50"], stats(local_ms)["p50"]
+    remote, in_process = stats(grpc_ms), stats(local_ms)
+    g50, l50 = remote["p50"], in_process["p50"]
     transport = stats([a - b for a, b in zip(grpc_ms, server_ms)])
-    return {"pairs": n, "grpc_ms": stats(grpc_ms), "in_process_ms": stats(local_ms), "server_total_ms": stats(server_ms),
+    return {"pairs": n, "grpc_ms": remote, "in_process_ms": in_process, "server_total_ms": stats(server_ms),
             "overhead_p50_ms": g50 - l50, "overhead_p50_share": (g50 - l50) / g50,
             "client_minus_server_ms": transport}
 
@@ -333,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = plot(run, args.out)
     write_json(args.out / "serving.json", {"header": head, **run})
     report(head, run, args.out, plots)
-    emit({"bench": "serving", "event": "done", "report": str(args.out / "serving.md"),
-          "json": str(args.out / "serving.json"), "plots": plots})
-    say(f"wrote {args.out / 'serving.md'}")
+    done("serving", args.out, plots=plots)
     return 0
 
 
