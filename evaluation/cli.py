@@ -264,6 +264,14 @@ def _withheld(response) -> bool:
     return response.verdict == pb.VERDICT_ABSTAIN and not response.answer
 
 
+def _mean_scores(scores: np.ndarray, splits) -> dict:
+    """[N, 4] scores -> per split, the mean of each score over the rows that have one (None: no rows)."""
+    from training.data import SCORE_NAMES
+
+    return {s: {n: gm.safe(np.nanmean(scores[idx, k])) if len(idx) else None for k, n in enumerate(SCORE_NAMES)}
+            for s, idx in splits.items()}
+
+
 def _verdicts_by_split(responses, splits) -> dict:
     from training.evaluate import verdict_counts
 
@@ -295,12 +303,9 @@ def _judged(judge, examples, responses, splits, threshold, log) -> dict:
     scores = np.array([j.scores for j in got], float)
     predicted = gm.scores_of(responses)
     p_hall = gm.probability_of(responses, "p_hallucination")
-    from training.data import SCORE_NAMES
-
     return {
         "model": judge.config.model,
-        "mean_scores": {s: {n: gm.safe(scores[idx, k].mean()) if len(idx) else None for k, n in enumerate(SCORE_NAMES)}
-                        for s, idx in splits.items()},
+        "mean_scores": _mean_scores(scores, splits),
         "guard_spearman": {s: gm.correlations(predicted[idx], scores[idx]) for s, idx in splits.items()},
         "p_hallucination": {s: gm.binary(scores[idx, 0] <= threshold, p_hall[idx]) for s, idx in splits.items()},
     }
@@ -310,7 +315,6 @@ def _judged(judge, examples, responses, splits, threshold, log) -> dict:
 
 
 def _score_answers(runner, sets, threshold, text_metrics: bool = True) -> dict:
-    from training.data import SCORE_NAMES
     from training.evaluate import score_requests
 
     examples, responses = [], []
@@ -331,10 +335,8 @@ def _score_answers(runner, sets, threshold, text_metrics: bool = True) -> dict:
     return {
         **out,
         "questions": _polarity_counts(examples),
-        "gpt4o_mean_scores": {s: {n: gm.safe(np.nanmean(gpt[idx, k])) if len(idx) else None
-                                  for k, n in enumerate(SCORE_NAMES)} for s, idx in splits.items()},
-        "guard_mean_scores": {s: {n: gm.safe(np.nanmean(predicted[idx, k])) if len(idx) else None
-                                  for k, n in enumerate(SCORE_NAMES)} for s, idx in splits.items()},
+        "gpt4o_mean_scores": _mean_scores(gpt, splits),
+        "guard_mean_scores": _mean_scores(predicted, splits),
         "spearman_vs_gpt4o": {s: gm.correlations(predicted[idx], gpt[idx]) for s, idx in splits.items()},
         "p_hallucination": halluc,
         "premise_risk": premise,
