@@ -137,7 +137,7 @@ def _run_info(runner, data, gen_sets, score_paths, score_sets, threshold, max_ne
 
     def files(paths, sets):
         return [{"path": str(p), "sha256": next(iter(ds.sha256.values())), "rows": len(ds.examples),
-                 "by_polarity": _polarity_counts(ds.examples), "excluded_rows": excluded,
+                 "by_polarity": ds.by_polarity(), "excluded_rows": excluded,
                  "missing_images": ds.missing_images, "skipped_malformed_rows": ds.malformed_rows}
                 for p, (ds, excluded) in zip(paths, sets)]
 
@@ -422,11 +422,11 @@ def _run(args) -> int:
     try:
         judge = _judge_from(args) if args.judge else None
         runner = _runner_from(args)
-        report = evaluate(runner, args.out, args.data, args.score_answers, image_dir=args.image_dir,
-                          allow_missing_images=args.allow_missing_images, skip_malformed=args.skip_malformed,
-                          exclude_images_in=args.exclude_images_in, limit=args.limit,
-                          max_new_tokens=args.max_new_tokens, hallucination_threshold=args.hallucination_threshold,
-                          abstain_text=args.abstain_text, judge=judge, text_metrics=not args.no_text_metrics)
+        evaluate(runner, args.out, args.data, args.score_answers, image_dir=args.image_dir,
+                allow_missing_images=args.allow_missing_images, skip_malformed=args.skip_malformed,
+                exclude_images_in=args.exclude_images_in, limit=args.limit,
+                max_new_tokens=args.max_new_tokens, hallucination_threshold=args.hallucination_threshold,
+                abstain_text=args.abstain_text, judge=judge, text_metrics=not args.no_text_metrics)
     except (EvalInputError, MissingImagesError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -439,9 +439,7 @@ def _run(args) -> int:
             raise
         print(f"error: {code}: {e}", file=sys.stderr)
         return 3 if code == "UNAVAILABLE" else 2 if code == "INVALID_ARGUMENT" else 1
-    from evaluation.report import render_markdown
-
-    print(render_markdown(report))
+    print((args.out / "report.md").read_text())  # as evaluate() rendered and wrote it
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
     return 0
 
