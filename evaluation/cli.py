@@ -137,7 +137,7 @@ def _run_info(runner, data, gen_sets, score_paths, score_sets, threshold, max_ne
 
     def files(paths, sets):
         return [{"path": str(p), "sha256": next(iter(ds.sha256.values())), "rows": len(ds.examples),
-                 "by_polarity": _polarity_counts(ds.examples), "excluded_rows": excluded,
+                 "by_polarity": ds.by_polarity(), "excluded_rows": excluded,
                  "missing_images": ds.missing_images, "skipped_malformed_rows": ds.malformed_rows}
                 for p, (ds, excluded) in zip(paths, sets)]
 
@@ -264,6 +264,14 @@ def _withheld(response) -> bool:
     return response.verdict == pb.VERDICT_ABSTAIN and not response.answer
 
 
+def _mean_scores(scores: np.ndarray, splits) -> dict:
+    """[N, 4] scores -> per split, the mean of each score over the rows that have one (None: no rows)."""
+    from training.data import SCORE_NAMES
+
+    return {s: {n: gm.safe(np.nanmean(scores[idx, k])) if len(idx) else None for k, n in enumerate(SCORE_NAMES)}
+            for s, idx in splits.items()}
+
+
 def _verdicts_by_split(responses, splits) -> dict:
     from training.evaluate import verdict_counts
 
@@ -295,12 +303,9 @@ def _judged(judge, examples, responses, splits, threshold, log) -> dict:
     scores = np.array([j.scores for j in got], float)
     predicted = gm.scores_of(responses)
     p_hall = gm.probability_of(responses, "p_hallucination")
-    from training.data import SCORE_NAMES
-
     return {
         "model": judge.config.model,
-        "mean_scores": {s: {n: gm.safe(scores[idx, k].mean()) if len(idx) else None for k, n in enumerate(SCORE_NAMES)}
-                        for s, idx in splits.items()},
+        "mean_scores": _mean_scores(scores, splits),
         "guard_spearman": {s: gm.correlations(predicted[idx], scores[idx]) for s, idx in splits.items()},
         "p_hallucination": {s: gm.binary(scores[idx, 0] <= threshold, p_hall[idx]) for s, idx in splits.items()},
     }
@@ -310,7 +315,6 @@ def _judged(judge, examples, responses, splits, threshold, log) -> dict:
 
 
 def _score_answers(runner, sets, threshold, text_metrics: bool = True) -> dict:
-    from training.data import SCORE_NAMES
     from training.evaluate import score_requests
 
     examples, responses = [], []
@@ -331,10 +335,8 @@ def _score_answers(runner, sets, threshold, text_metrics: bool = True) -> dict:
     return {
         **out,
         "questions": _polarity_counts(examples),
-        "gpt4o_mean_scores": {s: {n: gm.safe(np.nanmean(gpt[idx, k])) if len(idx) else None
-                                  for k, n in enumerate(SCORE_NAMES)} for s, idx in splits.items()},
-        "guard_mean_scores": {s: {n: gm.safe(np.nanmean(predicted[idx, k])) if len(idx) else None
-                                  for k, n in enumerate(SCORE_NAMES)} for s, idx in splits.items()},
+        "gpt4o_mean_scores": _mean_scores(gpt, splits),
+        "guard_mean_scores": _mean_scores(predicted, splits),
         "spearman_vs_gpt4o": {s: gm.correlations(predicted[idx], gpt[idx]) for s, idx in splits.items()},
         "p_hallucination": halluc,
         "premise_risk": premise,
@@ -420,11 +422,11 @@ def _run(args) -> int:
     try:
         judge = _judge_from(args) if args.judge else None
         runner = _runner_from(args)
-        report = evaluate(runner, args.out, args.data, args.score_answers, image_dir=args.image_dir,
-                          allow_missing_images=args.allow_missing_images, skip_malformed=args.skip_malformed,
-                          exclude_images_in=args.exclude_images_in, limit=args.limit,
-                          max_new_tokens=args.max_new_tokens, hallucination_threshold=args.hallucination_threshold,
-                          abstain_text=args.abstain_text, judge=judge, text_metrics=not args.no_text_metrics)
+        evaluate(runner, args.out, args.data, args.score_answers, image_dir=args.image_dir,
+                allow_missing_images=args.allow_missing_images, skip_malformed=args.skip_malformed,
+                exclude_images_in=args.exclude_images_in, limit=args.limit,
+                max_new_tokens=args.max_new_tokens, hallucination_threshold=args.hallucination_threshold,
+                abstain_text=args.abstain_text, judge=judge, text_metrics=not args.no_text_metrics)
     except (EvalInputError, MissingImagesError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -437,9 +439,7 @@ def _run(args) -> int:
             raise
         print(f"error: {code}: {e}", file=sys.stderr)
         return 3 if code == "UNAVAILABLE" else 2 if code == "INVALID_ARGUMENT" else 1
-    from evaluation.report import render_markdown
-
-    print(render_markdown(report))
+    print((args.out / "report.md").read_text())  # as evaluate() rendered and wrote it
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -34,13 +35,20 @@ def _config(tmp_path, **overrides) -> ServerConfig:
     return ServerConfig(address="127.0.0.1:0", audit_log=str(tmp_path / "audit.jsonl"), **overrides)
 
 
+@contextlib.contextmanager
+def _stub(tmp_path, guard=None, **overrides):
+    """A stub for a server (FakeGuard by default) that audits to tmp_path/audit.jsonl; both are closed on exit."""
+    guard = FakeGuard() if guard is None else guard
+    with serve_in_thread(guard, _config(tmp_path, **overrides)) as server, grpc.insecure_channel(
+        f"127.0.0.1:{server.port}"
+    ) as channel:
+        yield pb_grpc.MedHallGuardStub(channel)
+
+
 @pytest.mark.timeout(30)
 def test_each_call_gets_an_entry_with_image_hash_verdict_scores_and_model(tmp_path):
     path = tmp_path / "audit.jsonl"
-    with serve_in_thread(FakeGuard(), _config(tmp_path)) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
-        stub = pb_grpc.MedHallGuardStub(channel)
+    with _stub(tmp_path) as stub:
         stub.Ask(_ask(request_id="a-1"), timeout=10)
         stub.Score(pb.ScoreRequest(image=IMAGE, media_type="image/png", question=QUESTION, answer="Yes, a small one.",
                                    request_id="s-1"), timeout=10)
@@ -61,10 +69,8 @@ def test_each_call_gets_an_entry_with_image_hash_verdict_scores_and_model(tmp_pa
 
 @pytest.mark.timeout(30)
 def test_the_log_never_holds_the_image_question_or_answer_by_default(tmp_path):
-    with serve_in_thread(FakeGuard(), _config(tmp_path)) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
-        response = pb_grpc.MedHallGuardStub(channel).Ask(_ask(), timeout=10)
+    with _stub(tmp_path) as stub:
+        response = stub.Ask(_ask(), timeout=10)
     text = (tmp_path / "audit.jsonl").read_text()
     assert "question" not in _entries(tmp_path / "audit.jsonl")[0]
     for secret in (QUESTION, "Jane", "00123456", response.answer, base64.b64encode(IMAGE).decode(), IMAGE.hex()):
@@ -74,10 +80,8 @@ def test_the_log_never_holds_the_image_question_or_answer_by_default(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_the_question_is_logged_only_when_the_config_allows_it(tmp_path):
-    with serve_in_thread(FakeGuard(), _config(tmp_path, audit_question=True)) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
-        pb_grpc.MedHallGuardStub(channel).Ask(_ask(), timeout=10)
+    with _stub(tmp_path, audit_question=True) as stub:
+        stub.Ask(_ask(), timeout=10)
     assert _entries(tmp_path / "audit.jsonl")[0]["question"] == QUESTION
 
 
@@ -92,10 +96,7 @@ def test_entry_is_fsynced_before_the_response_arrives(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AuditLog, "_append", append)
     path = tmp_path / "audit.jsonl"
-    with serve_in_thread(FakeGuard(), _config(tmp_path)) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
-        stub = pb_grpc.MedHallGuardStub(channel)
+    with _stub(tmp_path) as stub:
         stub.Ask(_ask(request_id="unary-1"), timeout=10)
         events.append("response")
         assert _entries(path)[-1]["request_id"] == "unary-1"  # on disk the moment the response is here
@@ -109,10 +110,7 @@ def test_entry_is_fsynced_before_the_response_arrives(tmp_path, monkeypatch):
 @pytest.mark.timeout(30)
 def test_failed_calls_get_an_entry_with_status_and_error_but_no_internals(tmp_path):
     guard = FakeGuard(error=RuntimeError("secret detail: /opt/weights/key=hunter2"))
-    with serve_in_thread(guard, _config(tmp_path)) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
-        stub = pb_grpc.MedHallGuardStub(channel)
+    with _stub(tmp_path, guard) as stub:
         with pytest.raises(grpc.RpcError):
             stub.Ask(_ask(request_id="bad-1", question=" "), timeout=10)
         with pytest.raises(grpc.RpcError):
@@ -129,12 +127,10 @@ def test_response_is_withheld_when_the_audit_log_cannot_be_written(tmp_path, mon
     def disk_full(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with serve_in_thread(FakeGuard(), _config(tmp_path)) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
+    with _stub(tmp_path) as stub:
         monkeypatch.setattr(AuditLog, "_append", disk_full)
         with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.MedHallGuardStub(channel).Ask(_ask(), timeout=10)
+            stub.Ask(_ask(), timeout=10)
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "audit log" in info.value.details() and "withheld" in info.value.details()
 

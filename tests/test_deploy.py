@@ -149,6 +149,18 @@ def test_make_repo_names_a_directory_that_is_not_a_bundle(tmp_path):
     assert proc.returncode == 2 and "manifest.json is missing" in proc.stderr
 
 
+def test_make_repo_keeps_the_manifest_constants_of_guard_manifest():
+    """make_repo.py is standard-library only, so it copies these instead of importing guard.manifest."""
+    import importlib.util
+
+    from guard import manifest
+
+    spec = importlib.util.spec_from_file_location("make_repo", MAKE_REPO)
+    make_repo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_repo)
+    assert make_repo.FORMAT == manifest.FORMAT and make_repo.ROLES == manifest.GRAPHS
+
+
 # --- container configs and the Docker health check ---------------------------------------------
 
 

@@ -53,16 +53,19 @@ def call_all(address: str, requests: list, rpc: str, concurrency: int, desc: str
 def ask_requests(examples):
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    return [pb.AskRequest(image=image, media_type=media_type, question=e.question, request_id=e.id)
-            for e, (image, media_type) in ((e, image_payload(e)) for e in examples)]
+    return [pb.AskRequest(**_image_fields(e), question=e.question, request_id=e.id) for e in examples]
 
 
 def score_requests(examples, answers):
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    return [pb.ScoreRequest(image=image, media_type=media_type, question=e.question, answer=a or "(no answer)",
-                            request_id=e.id)
-            for e, a, (image, media_type) in ((e, a, image_payload(e)) for e, a in zip(examples, answers))]
+    return [pb.ScoreRequest(**_image_fields(e), question=e.question, answer=a or "(no answer)", request_id=e.id)
+            for e, a in zip(examples, answers)]
+
+
+def _image_fields(example) -> dict:
+    image, media_type = image_payload(example)
+    return {"image": image, "media_type": media_type}
 
 
 def phantom_rates(examples, answers) -> dict:
@@ -105,12 +108,13 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # Baseline: random-init heads, so its answers are served only with the allowance.
+        asks = ask_requests(heldout)  # read each image once; both models get the same requests
         base_cfg = _config_file(tmp, "baseline", {**_EVAL_POLICY, "allow_untrained_heads": True}, 48)
         with served(root / "baseline", base_cfg, log=log) as address:
-            base = call_all(address, ask_requests(heldout), "Ask", concurrency, "baseline: Ask")
+            base = call_all(address, asks, "Ask", concurrency, "baseline: Ask")
         tuned_cfg = _config_file(tmp, "tuned", _EVAL_POLICY, 48)
         with served(root / "tuned", tuned_cfg, log=log) as address:
-            tuned = call_all(address, ask_requests(heldout), "Ask", concurrency, "tuned: Ask")
+            tuned = call_all(address, asks, "Ask", concurrency, "tuned: Ask")
             judged_base = call_all(address, score_requests(heldout, [r.answer for r in base]), "Score",
                                     concurrency, "tuned guard on baseline answers: Score")
             mht = call_all(address, score_requests(mht_held, [e.model_answer for e in mht_held]), "Score",
