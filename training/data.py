@@ -16,6 +16,8 @@ item names its own `source`), so positive and negative rows never share an id.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import random
@@ -425,11 +427,17 @@ def image_payload(example: VqaExample, blank_size: int = 64) -> tuple[bytes, str
         from guard.preprocess import media_type_for
 
         return example.image_path.read_bytes(), media_type_for(example.image_path)
+    return _blank_png(blank_size), "image/png"
+
+
+@functools.lru_cache(maxsize=4)
+def _blank_png(size: int) -> bytes:
+    """The blank stand-in as PNG bytes, encoded once per size (a split without images has thousands of rows)."""
     import io
 
     buf = io.BytesIO()
-    blank_image(blank_size).save(buf, format="PNG")
-    return buf.getvalue(), "image/png"
+    blank_image(size).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- splitting and mixing
