@@ -195,14 +195,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def _record(self, call: _Call, code: grpc.StatusCode, response, error: str = "") -> None:
         """Audit (fsync'd; raises AuditWriteError), count and log one finished call."""
-        if self.audit is not None:
-            entry = self.audit.entry(call.rpc, call.request_id, call.client, call.peer, call.request, response,
-                                     code, error, self.model_checksum)
-            await asyncio.to_thread(self.audit.write, entry)
+        if self.audit is not None:  # the entry hashes the image: built in the worker too, off the event loop
+            await asyncio.to_thread(self._audit, call, code, response, error)
         call.recorded = True
         if self.metrics is not None:
             self.metrics.observe_call(call.rpc, code, response, time.perf_counter() - call.t0)
         _log_request(call, code, _verdict_name(response) if response is not None else "-", error)
+
+    def _audit(self, call: _Call, code: grpc.StatusCode, response, error: str) -> None:
+        self.audit.write(self.audit.entry(call.rpc, call.request_id, call.client, call.peer, call.request, response,
+                                          code, error, self.model_checksum))
 
     async def _fail(self, exc: BaseException, call: _Call, context) -> None:
         """Record the failure and abort the RPC with the mapped status; returns only for non-errors."""
