@@ -142,6 +142,10 @@ class BatchScheduler:
         with self._wake:
             return len(self._pending)
 
+    def running(self) -> int:
+        """Sequences in the running decoder batch (read from another thread: a snapshot)."""
+        return len(self._rows)
+
     def close(self) -> None:
         """Stop the scheduler thread; waiting and running requests get BackendUnavailableError."""
         with self._wake:

@@ -132,13 +132,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, name: str, behavior: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any]):
         async def unary(raw, context):
-            request, malformed = _parse(parse, raw)
-            call = self._begin(name, request, context)
+            call, malformed = self._begin(name, raw, parse, context)
             try:
-                self._admit(call, context)
-                if malformed is not None:
-                    raise malformed
-                response = await behavior(request, context)
+                self._admit(call, malformed, context)
+                response = await behavior(call.request, context)
                 await self._record(call, grpc.StatusCode.OK, response)  # audit is on disk before we return
                 return response
             except BaseException as exc:
@@ -152,13 +149,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, name: str, behavior: Callable[[Any, Any], AsyncIterator[Any]],
                      parse: Callable[[bytes], Any]):
         async def unary_stream(raw, context):
-            request, malformed = _parse(parse, raw)
-            call = self._begin(name, request, context)
+            call, malformed = self._begin(name, raw, parse, context)
             try:
-                self._admit(call, context)
-                if malformed is not None:
-                    raise malformed
-                async for message in behavior(request, context):
+                self._admit(call, malformed, context)
+                async for message in behavior(call.request, context):
                     if message.WhichOneof("event") == "final":
                         await self._record(call, grpc.StatusCode.OK, message.final)  # before the verdict is sent
                     yield message
@@ -170,21 +164,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return unary_stream
 
-    def _begin(self, name: str, request, context) -> _Call:
+    def _begin(self, name: str, raw: bytes, parse: Callable[[bytes], Any], context
+               ) -> tuple[_Call, errors.InvalidRequestError | None]:
+        """Parse the request, give it an id and count it in flight -> (the call, the parse error if malformed)."""
+        request, malformed = _parse(parse, raw)
         request_id = _assign_request_id(request)
         logs.request_id.set(request_id)  # this RPC's task (and the worker it starts) logs with it
         self.in_flight += 1
         self._idle.clear()
         if self.metrics is not None:
             self.metrics.in_flight.inc()
-        return _Call(name, request, request_id, client_identity(context, None), context.peer(), time.perf_counter())
+        call = _Call(name, request, request_id, client_identity(context, None), context.peer(), time.perf_counter())
+        return call, malformed
 
-    def _admit(self, call: _Call, context) -> None:
-        """Check the caller's token (raises the auth errors), then refuse if the server is draining."""
+    def _admit(self, call: _Call, malformed: errors.InvalidRequestError | None, context) -> None:
+        """Raise for a bad token (the auth errors), then while draining, then for a malformed request."""
         if self.auth is not None:
             call.client = client_identity(context, self.auth.client_for(context.invocation_metadata()))
         if self.draining:
             raise errors.BackendUnavailableError(DRAINING)
+        if malformed is not None:
+            raise malformed
 
     def _end(self) -> None:
         self.in_flight -= 1
@@ -195,14 +195,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def _record(self, call: _Call, code: grpc.StatusCode, response, error: str = "") -> None:
         """Audit (fsync'd; raises AuditWriteError), count and log one finished call."""
-        if self.audit is not None:
-            entry = self.audit.entry(call.rpc, call.request_id, call.client, call.peer, call.request, response,
-                                     code, error, self.model_checksum)
-            await asyncio.to_thread(self.audit.write, entry)
+        if self.audit is not None:  # the entry hashes the image: built in the worker too, off the event loop
+            await asyncio.to_thread(self._audit, call, code, response, error)
         call.recorded = True
         if self.metrics is not None:
             self.metrics.observe_call(call.rpc, code, response, time.perf_counter() - call.t0)
         _log_request(call, code, _verdict_name(response) if response is not None else "-", error)
+
+    def _audit(self, call: _Call, code: grpc.StatusCode, response, error: str) -> None:
+        self.audit.write(self.audit.entry(call.rpc, call.request_id, call.client, call.peer, call.request, response,
+                                          code, error, self.model_checksum))
 
     async def _fail(self, exc: BaseException, call: _Call, context) -> None:
         """Record the failure and abort the RPC with the mapped status; returns only for non-errors."""

@@ -128,9 +128,10 @@ def _serve_metrics(metrics: Metrics | None, address: str, servicer: MedHallGuard
     if metrics is None:
         return None
     batcher = getattr(guard, "batcher", None)  # guard.batching.BatchScheduler when batching is on
-    batch_queued = getattr(batcher, "queued", None)
-    metrics.watch_queue(lambda: servicer.admission.waiting + (batch_queued() if batch_queued else 0))
-    if callable(getattr(batcher, "running", None)):
+    if batcher is None:
+        metrics.watch_queue(lambda: servicer.admission.waiting)
+    else:
+        metrics.watch_queue(lambda: servicer.admission.waiting + batcher.queued())
         metrics.watch_batch(batcher.running)
     metrics.model.labels(info.model_id, info.checksum, info.backend).set(1)
     return metrics.serve(address)

@@ -65,6 +65,21 @@ class Backend(Protocol):
         ...
 
 
+def stack_left_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Host cache tensors [B_i, H, P_i, Dh] -> [sum B_i, H, max P_i, Dh], each left-padded with zeros.
+
+    The layout merge_caches() promises, written into one buffer (no padded copy per cache).
+    """
+    length = max(a.shape[2] for a in arrays)
+    _, h, _, d = arrays[0].shape
+    out = np.zeros((sum(a.shape[0] for a in arrays), h, length, d), arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[row : row + a.shape[0], :, length - a.shape[2] :] = a
+        row += a.shape[0]
+    return out
+
+
 _BACKENDS = {
     "torch": "guard.backends.torch_backend",  # a Hugging Face model directory
     "onnxruntime": "guard.backends.ort_backend",  # an export bundle (manifest.json)

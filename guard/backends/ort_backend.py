@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.backends import StepOutput
+from guard.backends import StepOutput, stack_left_padded
 from guard.errors import ModelLoadError
 from guard.manifest import Manifest, load_manifest
 
@@ -131,13 +131,8 @@ class OrtBackend:
         return StepOutput(logits=logits, hidden_mid=mid, hidden_last=last), cache
 
     def merge_caches(self, caches: list[OrtCache]) -> OrtCache:
-        length = max(c.length for c in caches)
-        values = [
-            np.concatenate([np.pad(self._host(c.values[i]), ((0, 0), (0, 0), (length - c.length, 0), (0, 0)))
-                            for c in caches])
-            for i in range(len(self._past))
-        ]
-        return OrtCache([self._placed(v) for v in values], length)
+        values = [stack_left_padded([self._host(c.values[i]) for c in caches]) for i in range(len(self._past))]
+        return OrtCache([self._placed(v) for v in values], max(c.length for c in caches))
 
     def select_cache(self, cache: OrtCache, rows: list[int], drop: int = 0) -> OrtCache:
         values = [np.ascontiguousarray(self._host(v)[rows, :, drop:]) for v in cache.values]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.backends import StepOutput
+from guard.backends import StepOutput, stack_left_padded
 from guard.errors import BackendUnavailableError, ModelLoadError
 from guard.manifest import Manifest, load_manifest
 
@@ -155,15 +155,10 @@ class TrtBackend:
 
     def merge_caches(self, caches: list[TrtCache]) -> TrtCache:
         """Through host memory (a batch changes rarely, a step stays on the GPU)."""
-        length = max(c.length for c in caches)
         with self._lock:
             host = [[v.to_host(self._stream) for v in c.values] for c in caches]
-            values = [
-                np.concatenate([np.pad(h[i], ((0, 0), (0, 0), (length - c.length, 0), (0, 0)))
-                                for c, h in zip(caches, host)])
-                for i in range(len(self._past))
-            ]
-            return TrtCache([DeviceTensor.from_host(v, self._stream) for v in values], length)
+            values = [stack_left_padded([h[i] for h in host]) for i in range(len(self._past))]
+            return TrtCache([DeviceTensor.from_host(v, self._stream) for v in values], max(c.length for c in caches))
 
     def select_cache(self, cache: TrtCache, rows: list[int], drop: int = 0) -> TrtCache:
         with self._lock:
