@@ -39,6 +39,7 @@ from guard.spec import HEADS_FILE, META_FILE, ModelSpec
 
 OPSET = 18
 EXPORTERS = ("legacy", "dynamo")
+DECODERS = ("fused", "traced")
 ENGINES = ("tensorrt",)
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx", "head": "head.onnx"}
 QUANTIZED_GRAPHS = ("vision", "decoder")
@@ -55,6 +56,10 @@ class ExportConfig:
     """Weights of the vision and decoder graphs: fp32, fp16, int8 or int4."""
     exporter: str = "legacy"
     """`legacy` (TorchScript tracing, opset 18) or `dynamo` (torch.export), the fallback."""
+    decoder: str = "fused"
+    """`fused`: the decoder written node by node with onnxruntime's fused operators
+    (export/decoder_graph.py), for the text models it supports, else traced; `traced`: always traced.
+    TensorRT engines (`engine`) are always built from the traced decoder."""
     force: bool = False
     """Skip the parity gate; the manifest then says `verified: false`."""
     engine: str | None = None
@@ -67,6 +72,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"`decoder` must be one of {DECODERS}, got {self.decoder!r}")
         if self.exporter not in EXPORTERS:
             raise ValueError(f"`exporter` must be one of {EXPORTERS}, got {self.exporter!r}")
         if self.engine not in (None, *ENGINES):
@@ -107,7 +114,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, precision: str = "
         # 2-3) fp32 graphs, then the asked precision.
         fp32_dir = tmp if config.precision == "fp32" else tmp / "_fp32"
         fp32_dir.mkdir(exist_ok=True)
-        export_graphs(reference.model, reference.spec, fp32_dir, config.exporter, log)
+        decoder = export_graphs(reference.model, reference.spec, fp32_dir, config.exporter, log,
+                                decoder="traced" if config.engine else config.decoder)
         if fp32_dir != tmp:
             _quantize_graphs(fp32_dir, tmp, config.precision, config.quantize, log)
         # 4) Head graph and the files the runtime reads.
@@ -118,6 +126,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, precision: str = "
             elif required:
                 raise ModelLoadError(f"{model_dir / name} is missing; the bundle needs it")
         manifest = _manifest(tmp, reference.spec, reference.checksum, config)
+        manifest.decoder = decoder
         # TensorRT engines come from the fp32 graphs: TensorRT applies its own precision.
         if config.engine == "tensorrt":
             manifest.engines = _build_engines(reference, fp32_dir, tmp, manifest, config, log)
@@ -156,10 +165,15 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, precision: str = "
 # --- 2) tracing ---------------------------------------------------------------
 
 
-def export_graphs(model, spec: ModelSpec, out: Path, exporter: str, log=_log) -> None:
-    """Write vision.onnx, embed.onnx and decoder.onnx (fp32) for `model` into `out`."""
+def export_graphs(model, spec: ModelSpec, out: Path, exporter: str, log=_log, decoder: str = "fused") -> str:
+    """Write vision.onnx, embed.onnx and decoder.onnx (fp32) for `model` into `out`; -> how the decoder was made.
+
+    decoder "fused" writes the decoder by hand (export/decoder_graph.py) when the text model is one it
+    supports, and traces it otherwise; "traced" always traces. Returns "fused" or "traced".
+    """
     import torch
 
+    from export import decoder_graph
     from export.wrappers import DecoderWrapper, EmbedWrapper, VisionWrapper, kv_shape
 
     layers, kv_heads, head_dim = kv_shape(model)
@@ -180,12 +194,24 @@ def export_graphs(model, spec: ModelSpec, out: Path, exporter: str, log=_log) ->
                     {"logits": seq, "hidden_mid": seq, "hidden_last": seq,
                      **{name: {0: "batch", 2: "total_sequence"} for name in present}}),
     }
+    if decoder == "fused":
+        why = decoder_graph.supports(model)
+        if why is None:
+            del graphs["decoder"]
+            t = time.perf_counter()
+            nodes = decoder_graph.build_decoder(model, spec.mid_layer, out / GRAPH_FILES["decoder"], OPSET)
+            log(f"{GRAPH_FILES['decoder']}: written with onnxruntime's fused operators ({nodes} nodes) "
+                f"in {time.perf_counter() - t:.1f} s")
+        else:
+            decoder = "traced"
+            log(f"{GRAPH_FILES['decoder']}: traced, not fused: {why}")
     for role, (module, args, in_dims, out_dims) in graphs.items():
         t = time.perf_counter()
         _trace(module.eval(), args, out / GRAPH_FILES[role], in_dims, out_dims, exporter)
         _name_dims(out / GRAPH_FILES[role], {**in_dims, **out_dims})
         log(f"{GRAPH_FILES[role]}: traced with the {exporter} exporter (opset {OPSET}) "
             f"in {time.perf_counter() - t:.1f} s")
+    return decoder
 
 
 def _trace(module, args: tuple, path: Path, in_dims: dict, out_dims: dict, exporter: str) -> None:
@@ -373,6 +399,11 @@ def add_parser(subparsers) -> None:
                    help="weights of the vision and decoder graphs (default fp32); fp16 mainly for GPU providers")
     p.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                    help="legacy: TorchScript tracing (default, single files); dynamo: torch.export (fallback)")
+    p.add_argument("--decoder", choices=DECODERS, default="fused",
+                   help="fused (default): the decoder written with onnxruntime's fused operators (GroupQueryAttention, "
+                        "SkipSimplifiedLayerNormalization), ~11 nodes per layer, for Llama-type text models (others "
+                        "are traced); traced: trace the Hugging Face decoder (any model; slower per token). "
+                        "--engine tensorrt always traces (TensorRT does not run onnxruntime's com.microsoft operators)")
     p.add_argument("--force", action="store_true",
                    help="skip the parity gate and mark the bundle unverified (servers warn when they load it)")
     p.add_argument("--engine", choices=ENGINES, help="also build TensorRT engines (GPU hosts with the [gpu] extra)")
@@ -387,7 +418,7 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     try:
         config = ExportConfig(
-            precision=args.precision, exporter=args.exporter, force=args.force, engine=args.engine,
+            precision=args.precision, exporter=args.exporter, decoder=args.decoder, force=args.force, engine=args.engine,
             parity=ParityConfig(phantom_prompts=args.parity_prompts, medhalltune_prompts=args.parity_prompts,
                                 max_new_tokens=args.parity_tokens),
             threads=args.threads,

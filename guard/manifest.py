@@ -76,6 +76,8 @@ class Manifest:
     verified: bool = False
     """True only when the parity gate ran and passed; `--force` exports are False."""
     exporter: str = "legacy"
+    decoder: str = "traced"
+    """How decoder.onnx was made: `fused` (written with onnxruntime's fused operators) or `traced`."""
     engines: dict[str, GraphInfo] = field(default_factory=dict)
     """TensorRT engines built from the graphs (role -> engine file), when any."""
     format: str = FORMAT

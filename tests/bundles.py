@@ -11,12 +11,12 @@ _CACHE: dict[tuple, Path] = {}
 
 
 def export_nano(tmp_path_factory, model_dir: Path, precision: str = "fp32", exporter: str = "legacy",
-                force: bool = False) -> Path:
+                force: bool = False, decoder: str = "fused") -> Path:
     """The bundle of `model_dir` at `precision`, exported on first use (a few seconds for a nano model)."""
-    key = (str(model_dir), precision, exporter, force)
+    key = (str(model_dir), precision, exporter, force, decoder)
     if key not in _CACHE:
-        out = tmp_path_factory.mktemp("bundles") / f"{Path(model_dir).name}-{precision}-{exporter}"
-        _CACHE[key] = export(model_dir, out, precision=precision, exporter=exporter, force=force)
+        out = tmp_path_factory.mktemp("bundles") / f"{Path(model_dir).name}-{precision}-{exporter}-{decoder}"
+        _CACHE[key] = export(model_dir, out, precision=precision, exporter=exporter, force=force, decoder=decoder)
     return _CACHE[key]
 
 

@@ -78,7 +78,7 @@ def test_a_bundle_answers_like_the_model_it_came_from(tmp_path_factory, nano_mod
 
 def test_the_dynamo_exporter_also_passes_fp32_parity(tmp_path_factory, nano_models):
     _needs_onnxscript()
-    m = load_manifest(export_nano(tmp_path_factory, nano_models["smolvlm"], exporter="dynamo"))
+    m = load_manifest(export_nano(tmp_path_factory, nano_models["smolvlm"], exporter="dynamo", decoder="traced"))
     assert m.exporter == "dynamo" and m.verified and m.parity["greedy_identical"] == m.parity["prompts"]
     assert "decoder.onnx.data" in m.files  # dynamo keeps weights in side files; they are hashed too
     assert m.graphs["decoder"].input("past_key_values.0.key").shape[2] == "past_sequence"
@@ -87,7 +87,7 @@ def test_the_dynamo_exporter_also_passes_fp32_parity(tmp_path_factory, nano_mode
 @pytest.mark.slow
 def test_the_dynamo_exporter_passes_fp32_parity_for_llava(tmp_path_factory, nano_models):
     _needs_onnxscript()
-    m = load_manifest(export_nano(tmp_path_factory, nano_models["llava"], exporter="dynamo"))
+    m = load_manifest(export_nano(tmp_path_factory, nano_models["llava"], exporter="dynamo", decoder="traced"))
     assert m.verified and m.parity["greedy_identical"] == m.parity["prompts"]
 
 
@@ -262,7 +262,7 @@ def test_the_gate_blocks_a_bundle_that_does_not_answer_like_the_model(tmp_path, 
     threads = torch.get_num_threads()
     try:
         code = cli.main(["export", str(nano_models["smolvlm"]), str(out), "--parity-prompts", "1",
-                         "--parity-tokens", "4", "--threads", "1"])
+                         "--parity-tokens", "4", "--threads", "1", "--decoder", "traced"])
     finally:
         torch.set_num_threads(threads)
     assert code == 1
