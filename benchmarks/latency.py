@@ -6,7 +6,10 @@ tokens (end-of-sequence ignored), measured in the same run:
 - `hf-generate`: transformers `generate` in eager PyTorch (`min_new_tokens` =
   `max_new_tokens`), fed the runtime's own preprocessed pixels and prompt ids; no guard;
 - `torch`: MedHallGuard's `Guard.answer` on the PyTorch backend (same weights, same process);
-- `ort-fp32`, `ort-int8`, `ort-int4`: `Guard.answer` on onnxruntime export bundles;
+- `ort-fp32`, `ort-int8`, `ort-int4`: `Guard.answer` on onnxruntime export bundles (the default
+  export: the decoder written with onnxruntime's fused operators, export/decoder_graph.py);
+- `ort-fp32-traced`: the same at fp32 with the traced decoder (`medhallguard export --decoder traced`),
+  which shows what the fused decoder buys;
 - `tensorrt`: reported as not available unless TensorRT and a GPU are present.
 
 Each decoder runs in a process of its own (its thread pool never spins while
@@ -53,7 +56,7 @@ from benchmarks.common import (
     write_json,
 )
 
-DECODERS = ("hf-generate", "torch", "ort-fp32", "ort-int8", "ort-int4", "tensorrt")
+DECODERS = ("hf-generate", "torch", "ort-fp32", "ort-fp32-traced", "ort-int8", "ort-int4", "tensorrt")
 QUESTION = "Is there a nodule in the right lung? Describe its size and location."
 TARGETS = (
     ("ort-int8 per-token time at least 4x faster than transformers eager generate", "speedup", "ort-int8", 4.0),
@@ -184,24 +187,28 @@ def _onnx_decoder_info(bundle: Path) -> dict:
 
     model = onnx.load(str(bundle / load_manifest(bundle).graphs["decoder"].file), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
+    # Rotary tables [max_positions, head_dim/2]: a step reads one row of each, not the table.
+    tables = {name for n in model.graph.node if n.op_type == "RotaryEmbedding" for name in n.input[2:4]}
     weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", *_QUANTIZED_MATMULS)
                 and any(i in inits for i in n.input[1:2])]
     producer = {o: n for n in model.graph.node for o in n.output}
     head = producer.get("logits")
     while head is not None and head.op_type not in ("MatMul", "Gemm", *_QUANTIZED_MATMULS):  # through Cast/Mul
         head = producer.get(head.input[0])
-    return {"weight_bytes_per_token": _initializer_bytes(model),
+    return {"weight_bytes_per_token": _initializer_bytes(model, skip=tables),
             "matmuls_with_weights": len(weighted),
             "quantized_matmuls": sum(n.op_type in _QUANTIZED_MATMULS for n in weighted),
             "lm_head_op": head.op_type if head is not None else "unknown"}
 
 
-def _initializer_bytes(model) -> int:
+def _initializer_bytes(model, skip: set[str] = frozenset()) -> int:
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
     total = 0
     for t in model.graph.initializer:
+        if t.name in skip:
+            continue
         if t.data_location == onnx.TensorProto.EXTERNAL:
             total += int(ExternalDataInfo(t).length)
         elif t.raw_data:
@@ -311,9 +318,9 @@ def bench_model(model, decoders: list[str], args, meter: BandwidthMeter) -> tupl
         if d in ("hf-generate", "torch"):
             key, kind, path = "torch", "torch", model.path
         else:
-            precision = d.removeprefix("ort-")
+            precision, _, graph = d.removeprefix("ort-").partition("-")
             key, kind = d, "onnxruntime"
-            path = bundle(model, precision, args.threads, args.bundles)
+            path = bundle(model, precision, args.threads, args.bundles, decoder=graph or "fused")
         if key not in procs:
             say(f"{model.label}: loading {kind} from {path}")
             procs[key] = _Process(ctx, kind, path, args.threads)

@@ -84,22 +84,24 @@ def parse_bundles(items: list[str]) -> dict[tuple[str, str], Path]:
     return out
 
 
-def bundle(model: Model, precision: str, threads: int = 0, given: dict | None = None) -> Path:
-    """The export bundle of `model` at `precision` (fp32, int8, int4, fp16): `given` (from --bundle), or
-    exported once into the cache."""
+def bundle(model: Model, precision: str, threads: int = 0, given: dict | None = None, decoder: str = "fused") -> Path:
+    """The export bundle of `model` at `precision` (fp32, int8, int4, fp16) with a `decoder` graph that is
+    `fused` (the export's default) or `traced`: `given` (from --bundle, fused only), or exported once into
+    the cache."""
     from guard.manifest import MANIFEST_FILE
 
-    if given and (model.label, precision) in given:
+    if given and decoder == "fused" and (model.label, precision) in given:
         return given[(model.label, precision)]
     from guard.spec import dir_checksum
 
     checksum = dir_checksum(model.path).removeprefix("sha256:")[:12]
-    out = cache_dir() / "bundles" / f"{model.path.name}-{checksum}-{precision}"
+    out = cache_dir() / "bundles" / f"{model.path.name}-{checksum}-{precision}-{decoder}"
     if (out / MANIFEST_FILE).is_file():
         return out
     from export.onnx_export import ExportConfig, export_bundle
 
     say(f"exporting {model.label} to a {precision} bundle at {out} (once; no parity gate: see benchmarks/parity.py)")
-    export_bundle(model.path, out, config=ExportConfig(precision=precision, force=True, threads=threads),
+    export_bundle(model.path, out, config=ExportConfig(precision=precision, decoder=decoder, force=True,
+                                                       threads=threads),
                   log=lambda m: say(f"  {m}"))
     return out

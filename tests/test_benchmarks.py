@@ -48,7 +48,7 @@ def test_latency_smoke_reports_every_decoder_and_skips_tensorrt_with_a_reason(na
     model, bundles = nano
     lines = _run("latency", ["--models", f"nano={model}", "--threads", "1", *bundles], tmp_path)
     rows = {r["decoder"]: r for r in lines if r["event"] == "decoder"}
-    assert set(rows) == {"hf-generate", "torch", "ort-fp32", "ort-int8", "ort-int4"}
+    assert set(rows) == {"hf-generate", "torch", "ort-fp32", "ort-fp32-traced", "ort-int8", "ort-int4"}
     for r in rows.values():
         assert all(_number(r[k][q]) for k in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("p50", "p95", "p99"))
         assert r["weight_bytes_per_token"] > 0 and _number(r["floor_ms"]) and _number(r["speedup"])
@@ -57,6 +57,9 @@ def test_latency_smoke_reports_every_decoder_and_skips_tensorrt_with_a_reason(na
     # int8 and int4 decoders read fewer weight bytes per token than fp32
     assert rows["ort-int4"]["weight_bytes_per_token"] < rows["ort-int8"]["weight_bytes_per_token"] \
         < rows["ort-fp32"]["weight_bytes_per_token"]
+    # the fused and the traced fp32 decoders read the same weights (rotary tables are not counted)
+    fused, traced = rows["ort-fp32"]["weight_bytes_per_token"], rows["ort-fp32-traced"]["weight_bytes_per_token"]
+    assert abs(fused - traced) <= 0.01 * traced
     skipped = [r for r in lines if r["event"] == "skipped"]
     assert [r["decoder"] for r in skipped] == ["tensorrt"] and "not available" in skipped[0]["reason"]
     assert {r["event"] for r in lines} >= {"bandwidth", "target"}
