@@ -401,7 +401,8 @@ def add_parser(subparsers) -> None:
                    help="legacy: TorchScript tracing (default, single files); dynamo: torch.export (fallback)")
     p.add_argument("--decoder", choices=DECODERS, default="fused",
                    help="fused (default): the decoder written with onnxruntime's fused operators (GroupQueryAttention, "
-                        "SkipSimplifiedLayerNormalization), ~11 nodes per layer, for Llama-type text models (others "
+                        "RotaryEmbedding, SkipSimplifiedLayerNormalization), 14 nodes per layer, for Llama-type text "
+                        "models (others "
                         "are traced); traced: trace the Hugging Face decoder (any model; slower per token). "
                         "--engine tensorrt always traces (TensorRT does not run onnxruntime's com.microsoft operators)")
     p.add_argument("--force", action="store_true",
