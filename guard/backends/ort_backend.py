@@ -76,6 +76,10 @@ class OrtBackend:
         if active != requested:
             log.warning("onnxruntime: %s was requested but is not active (missing libraries or GPU?); serving on %s",
                         requested, active)
+        if active in (CUDA, TENSORRT) and manifest.decoder == "fused" and manifest.precision != "fp16":
+            log.warning("onnxruntime: this bundle's decoder is the fused one at %s; onnxruntime's GPU kernel for "
+                        "GroupQueryAttention takes fp16/bf16, so its attention may run on the CPU: export with "
+                        "--precision fp16 (or --decoder traced) for %s", manifest.precision, active)
         self.name = f"onnxruntime:{active}"
         self._device = ("cuda", int(device.partition(":")[2] or 0)) if active in (CUDA, TENSORRT) else ("cpu", 0)
         self.io_binding = self._device[0] == "cuda" if io_binding is None else io_binding
