@@ -101,7 +101,6 @@ def supports(model) -> str | None:
 
 def build_decoder(model, mid_layer: int, path: str | Path, opset: int) -> int:
     """Write the decoder of `model` (fp32) to `path`; -> its node count. Raises Unsupported (see supports())."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     path = Path(path)
@@ -206,7 +205,7 @@ def build_decoder(model, mid_layer: int, path: str | Path, opset: int) -> int:
     w_final = init("final_norm", weight(text.norm.weight))
     node("SkipSimplifiedLayerNormalization", [pending, stream, w_final], ["hidden_last", "", "", "stream_out"],
          domain=MS, epsilon=eps)
-    hidden.append("stream_out")
+    hidden.append("hidden_last")  # Hugging Face's hidden_states[L] is the final norm's output, not the raw stream
     node("Identity", [hidden[mid_layer]], ["hidden_mid"])
     lm_head = model.lm_head.weight if hasattr(model, "lm_head") else text.embed_tokens.weight
     node("MatMul", ["hidden_last", init("lm_head", weight(lm_head).T)], ["logits"])

@@ -89,3 +89,29 @@ def test_supports_names_what_it_cannot_write(nano_models):
     assert "rope_type 'linear'" in decoder_graph.supports(model)
     with pytest.raises(decoder_graph.Unsupported, match="linear"):
         decoder_graph.build_decoder(model, 1, "/nonexistent/decoder.onnx", 18)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_hidden_mid_is_hugging_face_hidden_states_at_any_layer(nano_models, tmp_path, where):
+    """hidden_states[0] is the embeddings, [k] the stream after layer k-1, and [L] the final norm's output."""
+    import onnxruntime as ort
+    import torch
+
+    from export.wrappers import DecoderWrapper, kv_shape
+    from guard.backends import torch_backend
+
+    model = torch_backend.load(nano_models["smolvlm"], threads=1).model
+    layers, heads, head_dim = kv_shape(model)
+    mid = {"first": 0, "middle": layers // 2, "last": layers}[where]
+    decoder_graph.build_decoder(model, mid, tmp_path / "decoder.onnx", 18)
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    embeds = np.random.default_rng(1).standard_normal((1, 4, model.config.text_config.hidden_size), np.float32)
+    mask, positions = np.ones((1, 4), np.int64), np.arange(4)[None]
+    past = np.zeros((1, heads, 0, head_dim), np.float32)
+    got = session.run(["hidden_mid"], {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                                       **{f"past_key_values.{i}.{k}": past for i in range(layers)
+                                          for k in ("key", "value")}})[0]
+    with torch.no_grad():
+        want = DecoderWrapper(model, mid)(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(positions),
+                                          *[torch.from_numpy(past)] * (2 * layers))[1].numpy()
+    assert np.abs(got - want).max() <= 1e-5
