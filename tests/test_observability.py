@@ -131,7 +131,7 @@ def test_json_logs_name_the_request_in_every_line_including_the_worker_threads(j
     first = [line for line in lines if line.get("request_id") == "req-log-1"]
     assert {line["message"] for line in first} >= {"decoding the answer"}
     done = next(line for line in first if line["logger"] == "server.interceptors")
-    assert (done["rpc"], done["status"], done["verdict"], done["level"]) == ("Ask", "OK", "VERDICT_ANSWER", "INFO")
+    assert (done["rpc"], done["status"], done["verdict"], done["level"]) == ("Ask", "OK", "ANSWER", "INFO")
     assert done["client"].startswith("peer:") and done["total_ms"] >= 0 and done["time"].endswith("+00:00")
     failed = next(line for line in lines if line.get("request_id") == "req-log-2")
     assert failed["status"] == "INVALID_ARGUMENT"
