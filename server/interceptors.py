@@ -75,7 +75,7 @@ class _Call:
     peer: str
     t0: float
     refused: Exception | None = None
-    """The auth error to raise for a missing or invalid token, else None."""
+    """The auth error to raise for a missing or invalid token (or a failing token check), else None."""
     malformed: errors.InvalidRequestError | None = None
     """The parse error to raise for a request that is not valid protobuf, else None."""
     recorded: bool = False
@@ -188,7 +188,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if self.auth is not None:
             try:
                 token_client = self.auth.client_for(context.invocation_metadata())
-            except (UnauthenticatedError, PermissionDeniedError) as exc:
+            except Exception as exc:  # UnauthenticatedError, PermissionDeniedError; _admit raises it in the bracket
                 refused = exc
         return client_identity(context, token_client), refused
 
