@@ -55,7 +55,12 @@ def test_metrics_count_requests_by_status_and_verdict_and_time_each_stage():
                                    answer="Yes."), timeout=10)
         with pytest.raises(grpc.RpcError):
             stub.Ask(_ask(question=""), timeout=10)
-        m = _scrape(server.running.metrics_port)
+        # grpc sends an error status from inside context.abort, so the client can see it a moment before the
+        # interceptor counts the call out of in_flight: wait for that, briefly.
+        deadline = time.monotonic() + 5
+        while (m := _scrape(server.running.metrics_port))[("medhallguard_in_flight_requests", ())] and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
 
     assert m[("medhallguard_requests_total", (("rpc", "Ask"), ("status", "OK")))] == 2
     assert m[("medhallguard_requests_total", (("rpc", "Ask"), ("status", "INVALID_ARGUMENT")))] == 1
