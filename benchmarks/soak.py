@@ -341,10 +341,10 @@ def make_model(root: Path) -> Path:
     return Path(init_model("smolvlm", "nano", root / "nano-smolvlm", seed=0))
 
 
-def soak(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+def soak(args, mix: dict[str, int], log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """`mix` is parse_mix(args.mix): category -> weight."""
     from server.launch import served_process
 
-    mix = parse_mix(args.mix, auth=not args.no_auth)
     payloads = Payloads.make(args.seed)
     token = None if args.no_auth else secrets.token_urlsafe(32)
     env = {"MEDHALLGUARD_AUTH_TOKENS": f"soak:{token}"} if token else {}
@@ -504,11 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the soak test reads the server's memory and threads from /proc (Linux only)", file=sys.stderr)
         return 2
     try:
-        parse_mix(args.mix, auth=not args.no_auth)
+        mix = parse_mix(args.mix, auth=not args.no_auth)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = soak(args)
+    summary = soak(args, mix)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:

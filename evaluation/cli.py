@@ -184,10 +184,7 @@ def _generate(runner, paths, sets, out_dir, max_new_tokens, abstain_text, judge,
 
     examples, responses, prediction_files = [], [], []
     for path, (ds, _) in zip(paths, sets):
-        requests = ask_requests(ds.examples)
-        if max_new_tokens:
-            for r in requests:
-                r.generation.max_new_tokens = max_new_tokens
+        requests = ask_requests(ds.examples, max_new_tokens)
         got = runner.run("Ask", requests, f"{Path(path).name}: Ask")
         answers = [_shown(r, abstain_text) for r in got]
         target = out_dir / "predictions" / f"{Path(path).stem}.predictions.jsonl"
@@ -286,12 +283,12 @@ def _reference_by_split(answers, references, splits) -> dict:
 
 
 def _phantom(examples, responses) -> dict:
-    from training.evaluate import phantom_rates
+    from training.evaluate import phantom_judgements, phantom_rates
 
-    rates = phantom_rates(examples, [r.answer for r in responses])
-    hallucinated = rates.pop("hallucinated")
-    rates.pop("accepted")
-    return {**rates, "p_hallucination": gm.binary(hallucinated, gm.probability_of(responses, "p_hallucination"))}
+    judgements = phantom_judgements(examples, [r.answer for r in responses])
+    hallucinated = [j.hallucinated for j in judgements]
+    return {**phantom_rates(examples, judgements),
+            "p_hallucination": gm.binary(hallucinated, gm.probability_of(responses, "p_hallucination"))}
 
 
 def _judged(judge, examples, responses, splits, threshold, log) -> dict:

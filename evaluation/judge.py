@@ -70,6 +70,7 @@ class Judge:
     def __init__(self, config: JudgeConfig):
         self.config = config
         self.template = config.rubric.read_text(encoding="utf-8")
+        self._prompt = string.Template(self.template)  # parsed once; judge() fills it per answer
         self.requests_sent = 0
 
     def judge(self, question: str, answer: str, reference: str, caption: str | None = None) -> Judgement:
@@ -78,7 +79,7 @@ class Judge:
         if path.is_file():
             hit = json.loads(path.read_text(encoding="utf-8"))
             return Judgement(tuple(hit["scores"]), hit["reply"], cached=True)
-        prompt = string.Template(self.template).safe_substitute(fields)
+        prompt = self._prompt.safe_substitute(fields)
         reply = self._complete(prompt)
         try:
             scores = parse_scores(reply)

@@ -98,7 +98,7 @@ class BatchScheduler:
         # The running batch; only the scheduler thread touches these.
         self._rows: list[_Job] = []
         self._cache: Any = None
-        self._mask = np.zeros((0, 0), np.int64)  # [B, P]: 1 where a row has a real past position
+        self._mask = _Mask(np.zeros((0, 0), np.int64))  # [B, P]: 1 where a row has a real past position
         self._pos = np.zeros(0, np.int64)  # [B]: each row's next position id (its own token count)
         self._next = np.zeros(0, np.int64)  # [B]: each row's token to feed next
         self._thread = threading.Thread(target=self._run, name="guard-batch", daemon=True)
@@ -213,10 +213,10 @@ class BatchScheduler:
         if not joined:
             return
         if self._rows:
-            caches, masks = [self._cache, *caches], [self._mask, *masks]
+            caches, masks = [self._cache, *caches], [self._mask.array, *masks]
         self._cache = self.backend.merge_caches(caches)
         width = max(m.shape[1] for m in masks)
-        self._mask = np.concatenate([np.pad(m, ((0, 0), (width - m.shape[1], 0))) for m in masks])
+        self._mask = _Mask(np.concatenate([np.pad(m, ((0, 0), (width - m.shape[1], 0))) for m in masks]))
         self._pos = np.concatenate([self._pos, pos]).astype(np.int64)
         self._next = np.concatenate([self._next, nxt]).astype(np.int64)
         self._rows += joined
@@ -266,10 +266,10 @@ class BatchScheduler:
             if not self._rows:
                 return
         batch = len(self._rows)
-        mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
+        mask = self._mask.extend()  # on a failure the batch is reset, so the extended mask never outlives it
         out, self._cache = self.backend.forward(self.backend.embed(self._next[:, None]), mask, self._pos[:, None],
                                                 self._cache)
-        self._mask, self._pos = mask, self._pos + 1
+        self._pos = self._pos + 1
         keep = []
         for i, job in enumerate(self._rows):
             token = job.seq.push(out.logits[i, -1], out.hidden_mid[i, -1], out.hidden_last[i, -1])
@@ -286,15 +286,46 @@ class BatchScheduler:
         if not rows:
             self._reset()
             return
-        mask = self._mask[rows]
+        mask = self._mask.array[rows]
         drop = int(mask.argmax(axis=1).min())  # the first real position of the longest kept row
         self._cache = self.backend.select_cache(self._cache, rows, drop)
-        self._mask, self._pos, self._next = mask[:, drop:], self._pos[rows], self._next[rows]
+        self._mask, self._pos, self._next = _Mask(mask[:, drop:]), self._pos[rows], self._next[rows]
         self._rows = [self._rows[i] for i in rows]
 
     def _reset(self) -> None:
         self._rows, self._cache = [], None
-        self._mask, self._pos, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._mask = _Mask(np.zeros((0, 0), np.int64))
+        self._pos, self._next = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+class _Mask:
+    """The running batch's attention mask [B, P] in a buffer with spare columns.
+
+    A decode step appends one column of ones in place (O(B)) instead of concatenating a new [B, P+1]
+    array; the buffer doubles when full. Columns already handed to a backend are never written again.
+    """
+
+    _SPARE = 64  # room made at each rebuild (a request joins or leaves): most answers never grow the buffer
+
+    def __init__(self, mask: np.ndarray):
+        batch, self.width = mask.shape
+        self._buf = np.zeros((batch, self.width + self._SPARE), np.int64)
+        self._buf[:, : self.width] = mask
+
+    @property
+    def array(self) -> np.ndarray:
+        """[B, P] view of the mask (contiguous only when B == 1; backends make it so as they need)."""
+        return self._buf[:, : self.width]
+
+    def extend(self) -> np.ndarray:
+        """Append a column of ones (the token fed this step) -> the [B, P+1] mask."""
+        if self.width == self._buf.shape[1]:
+            grown = np.zeros((self._buf.shape[0], 2 * self._buf.shape[1]), np.int64)
+            grown[:, : self.width] = self._buf
+            self._buf = grown
+        self._buf[:, self.width] = 1
+        self.width += 1
+        return self.array
 
 
 @atexit.register

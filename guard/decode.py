@@ -27,15 +27,16 @@ def splice_image(embeds: np.ndarray, ids: np.ndarray, image_features: np.ndarray
     return embeds
 
 
-def token_stats(logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def token_stats(logits: np.ndarray, tokens: np.ndarray,
+                shifted: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """logits [N, V], tokens [N] -> (log p(token) [N], entropy [N]), float32.
 
     One exp over the vocabulary per row, in float32: this runs once per generated
     token, and a float64 log-softmax plus a second exp for the entropy cost ~10%
-    of an int8 decoding step of a 49k-vocabulary model.
+    of an int8 decoding step of a 49k-vocabulary model. `shifted` is
+    _shifted_exp(logits) when the caller has it (Sequence.push shares it with sample).
     """
-    z = logits - logits.max(axis=-1, keepdims=True)  # [N, V]
-    e = np.exp(z)
+    z, e = shifted if shifted is not None else _shifted_exp(logits)  # [N, V] each
     s = e.sum(axis=-1)
     lse = np.log(s)
     logp = z[np.arange(len(tokens)), tokens] - lse
@@ -43,12 +44,27 @@ def token_stats(logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.
     return logp.astype(np.float32), ent.astype(np.float32)
 
 
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    """logits: [V] at temperature 1. Greedy at 0; else softmax(logits / temperature), in float64."""
+def _shifted_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """logits [N, V] -> (z = logits - row max, exp(z)), in the logits' dtype."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z, np.exp(z)
+
+
+def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator,
+           weights: np.ndarray | None = None) -> int:
+    """logits: [V] at temperature 1. Greedy at 0; else softmax(logits / temperature), normalized in float64.
+
+    `weights` is exp(logits - max) when the caller computed it: at temperature 1 it is the unnormalized
+    distribution, so no second exp is needed. At any other temperature exp(z / T) is a different
+    distribution from the exp(z) the token statistics need, and costs its own exp.
+    """
     if temperature == 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+    if temperature == 1.0 and weights is not None:
+        p = weights.astype(np.float64)
+    else:
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
     return int(rng.choice(p.shape[0], p=p / p.sum()))
 
 
@@ -75,8 +91,9 @@ class Sequence:
         """
         if self._prompt is None:  # the first distribution comes from the last prompt position
             self._prompt = (h_mid, h_last)
-        token = sample(logits, self.config.temperature, self.rng)
-        logp, ent = token_stats(logits[None], np.array([token]))
+        shifted = _shifted_exp(logits[None])  # the one exp over the vocabulary (at temperature 0 or 1)
+        token = sample(logits, self.config.temperature, self.rng, weights=shifted[1][0])
+        logp, ent = token_stats(logits[None], np.array([token]), shifted)
         self.tokens.append(token)
         self._logprobs.append(logp[0])
         self._entropies.append(ent[0])

@@ -168,14 +168,11 @@ class Guard:
     def _teacher_force(self, question: str, pixels: np.ndarray, answer_ids: list[int],
                        stop: StopSignal | None) -> Generation:
         t = time.perf_counter()
-        prompt_embeds = self._prompt_embeds(question, pixels)
+        prompt_embeds = self._embed_prompt(self.prompter.encode_prompt(question), pixels)
         vision_ms = _ms_since(t)
         gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop)
         gen.vision_ms = vision_ms
         return gen
-
-    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> np.ndarray:
-        return self._embed_prompt(self.prompter.encode_prompt(question), pixels)
 
     def _embed_prompt(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """ids [S] with image slots, pixels [1,3,H,W] -> prompt embeddings [1,S,D] with the image spliced in."""

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from server.service import verdict_name
+
 _MAX_ERROR_CHARS = 300
 
 
@@ -72,8 +74,9 @@ class AuditLog:
                        media_type=request.media_type)
         if self.include_question and getattr(request, "question", None) is not None:
             out["question"] = request.question
-        if response is not None and "verdict" in type(response).DESCRIPTOR.fields_by_name:
-            out.update(_verdict_fields(response))
+        verdict = verdict_name(response) if response is not None else None
+        if verdict is not None:
+            out.update(_verdict_fields(response, verdict))
         out["model_checksum"] = getattr(response, "model_checksum", "") or getattr(response, "checksum", "") or model_checksum
         if error:
             out["error"] = error[:_MAX_ERROR_CHARS]
@@ -103,9 +106,8 @@ class AuditLog:
         _fsync_dir(self.path.parent)  # the renames and the new file survive a crash too
 
 
-def _verdict_fields(r) -> dict:
-    verdict = type(r).DESCRIPTOR.fields_by_name["verdict"].enum_type.values_by_number[r.verdict].name
-    out = {"verdict": verdict.removeprefix("VERDICT_"), "model_id": r.model_id, "backend": r.backend,
+def _verdict_fields(r, verdict: str) -> dict:
+    out = {"verdict": verdict, "model_id": r.model_id, "backend": r.backend,
            "num_tokens": r.num_tokens, "total_ms": round(r.timings.total_ms, 1)}
     if r.HasField("p_hallucination"):
         out.update(p_hallucination=r.p_hallucination, premise_risk=r.premise_risk, heads_trained=r.heads_trained)

@@ -15,6 +15,7 @@ Health and reflection pass through, behind the token check when configured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -27,6 +28,7 @@ from guard import errors
 from server import logs
 from server.audit import AuditWriteError
 from server.security import PermissionDeniedError, UnauthenticatedError, client_identity
+from server.service import verdict_name
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,10 @@ class _Call:
     client: str
     peer: str
     t0: float
+    refused: Exception | None = None
+    """The auth error to raise for a missing or invalid token (or a failing token check), else None."""
+    malformed: errors.InvalidRequestError | None = None
+    """The parse error to raise for a request that is not valid protobuf, else None."""
     recorded: bool = False
     """True once the call's outcome is audited and counted."""
 
@@ -132,41 +138,39 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, name: str, behavior: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any]):
         async def unary(raw, context):
-            call, malformed = self._begin(name, raw, parse, context)
-            try:
-                self._admit(call, malformed, context)
+            async with self._serving(name, raw, parse, context) as call:
                 response = await behavior(call.request, context)
                 await self._record(call, grpc.StatusCode.OK, response)  # audit is on disk before we return
                 return response
-            except BaseException as exc:
-                await self._fail(exc, call, context)
-                raise
-            finally:
-                self._end()
 
         return unary
 
     def _wrap_stream(self, name: str, behavior: Callable[[Any, Any], AsyncIterator[Any]],
                      parse: Callable[[bytes], Any]):
         async def unary_stream(raw, context):
-            call, malformed = self._begin(name, raw, parse, context)
-            try:
-                self._admit(call, malformed, context)
+            async with self._serving(name, raw, parse, context) as call:
                 async for message in behavior(call.request, context):
                     if message.WhichOneof("event") == "final":
                         await self._record(call, grpc.StatusCode.OK, message.final)  # before the verdict is sent
                     yield message
-            except BaseException as exc:
-                await self._fail(exc, call, context)
-                raise
-            finally:
-                self._end()
 
         return unary_stream
 
-    def _begin(self, name: str, raw: bytes, parse: Callable[[bytes], Any], context
-               ) -> tuple[_Call, errors.InvalidRequestError | None]:
-        """Parse the request, give it an id and count it in flight -> (the call, the parse error if malformed)."""
+    @contextlib.asynccontextmanager
+    async def _serving(self, name: str, raw: bytes, parse: Callable[[bytes], Any], context):
+        """One call, unary or streaming: begin and admit it, turn any error into its recorded status, count it out."""
+        call = self._begin(name, raw, parse, context)
+        try:
+            self._admit(call)
+            yield call
+        except BaseException as exc:  # also a stream's GeneratorExit and a cancellation: _fail records them
+            await self._fail(exc, call, context)
+            raise
+        finally:
+            self._end()
+
+    def _begin(self, name: str, raw: bytes, parse: Callable[[bytes], Any], context) -> _Call:
+        """Parse the request, identify the caller, give the request an id and count it in flight."""
         request, malformed = _parse(parse, raw)
         request_id = _assign_request_id(request)
         logs.request_id.set(request_id)  # this RPC's task (and the worker it starts) logs with it
@@ -174,17 +178,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._idle.clear()
         if self.metrics is not None:
             self.metrics.in_flight.inc()
-        call = _Call(name, request, request_id, client_identity(context, None), context.peer(), time.perf_counter())
-        return call, malformed
+        client, refused = self._identify(context)
+        return _Call(name, request, request_id, client, context.peer(), time.perf_counter(), refused, malformed)
 
-    def _admit(self, call: _Call, malformed: errors.InvalidRequestError | None, context) -> None:
-        """Raise for a bad token (the auth errors), then while draining, then for a malformed request."""
+    def _identify(self, context) -> tuple[str, Exception | None]:
+        """-> (who called, the auth error if the token is refused); a refused caller is named by cert or peer."""
+        token_client = None
+        refused = None
         if self.auth is not None:
-            call.client = client_identity(context, self.auth.client_for(context.invocation_metadata()))
+            try:
+                token_client = self.auth.client_for(context.invocation_metadata())
+            except Exception as exc:  # UnauthenticatedError, PermissionDeniedError; _admit raises it in the bracket
+                refused = exc
+        return client_identity(context, token_client), refused
+
+    def _admit(self, call: _Call) -> None:
+        """Raise for a bad token (the auth errors), then while draining, then for a malformed request."""
+        if call.refused is not None:
+            raise call.refused
         if self.draining:
             raise errors.BackendUnavailableError(DRAINING)
-        if malformed is not None:
-            raise malformed
+        if call.malformed is not None:
+            raise call.malformed
 
     def _end(self) -> None:
         self.in_flight -= 1
@@ -200,7 +215,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         call.recorded = True
         if self.metrics is not None:
             self.metrics.observe_call(call.rpc, code, response, time.perf_counter() - call.t0)
-        _log_request(call, code, _verdict_name(response) if response is not None else "-", error)
+        _log_request(call, code, (verdict_name(response) if response is not None else None) or "-", error)
 
     def _audit(self, call: _Call, code: grpc.StatusCode, response, error: str) -> None:
         self.audit.write(self.audit.entry(call.rpc, call.request_id, call.client, call.peer, call.request, response,
@@ -273,12 +288,6 @@ def _assign_request_id(request) -> str:
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
     return request.request_id
-
-
-def _verdict_name(response) -> str:
-    if "verdict" not in type(response).DESCRIPTOR.fields_by_name:
-        return "-"
-    return type(response).DESCRIPTOR.fields_by_name["verdict"].enum_type.values_by_number[response.verdict].name
 
 
 def _log_request(call: _Call, code: grpc.StatusCode, verdict: str, detail: str = "") -> None:

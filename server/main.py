@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -74,15 +75,15 @@ async def create_server(address: str, guard, config: ServerConfig) -> tuple[grpc
     return running.server, running.port
 
 
-async def start(address: str, guard, config: ServerConfig, env_tokens: str | None = None) -> Running:
+async def start(address: str, guard, config: ServerConfig, env_tokens: str | None = None,
+                secured: Secured | None = None) -> Running:
     """Like create_server, but returns the health servicer, warm-up task, metrics and audit log as well.
 
-    `env_tokens` is the value of $MEDHALLGUARD_AUTH_TOKENS (serve() reads it); tokens also come from
-    `config.auth_tokens_file`. Raises ValueError for auth without TLS (unless allowed) or unusable PEM files.
+    `secured` is what load_security() read (serve() reads it before the model load); without it the
+    token and PEM files are read here, with `env_tokens` as the value of $MEDHALLGUARD_AUTH_TOKENS.
+    Raises ValueError for bad tokens, auth without TLS (unless allowed) or unusable PEM files.
     """
-    auth = security.load_auth(config.auth_tokens_file, env_tokens, config.auth_health, config.auth_reflection)
-    security.check_transport(config, auth)
-    credentials = security.server_credentials(config)
+    auth, credentials = secured or load_security(config, env_tokens)
     info = guard.info()
     metrics = Metrics() if config.metrics_address else None
     audit = (AuditLog(config.audit_log, config.audit_max_bytes, config.audit_backups, config.audit_question)
@@ -186,7 +187,7 @@ def serve(
     if not model:
         raise ValueError("no model: pass --model DIR or --bundle DIR, or set MEDHALLGUARD_MODEL")
     server_config, guard_tables = resolve_config(config_path, overrides, port)
-    _check_security(server_config, os.environ.get("MEDHALLGUARD_AUTH_TOKENS"))  # before the slow model load
+    secured = load_security(server_config, os.environ.get("MEDHALLGUARD_AUTH_TOKENS"))  # before the slow model load
 
     from guard.runtime import GuardConfig, load_guard  # load_guard imports the backend it needs
 
@@ -194,14 +195,21 @@ def serve(
     log.info("loading %s", model)
     guard = load_guard(model, guard_config, bundle=bundle is not None)
     log.info("serving %s with backend %s", guard.spec.model_id, guard.backend.name)
-    return asyncio.run(_serve(guard, server_config, on_bound, os.environ.get("MEDHALLGUARD_AUTH_TOKENS")))
+    return asyncio.run(_serve(guard, server_config, on_bound, secured))
 
 
-def _check_security(config: ServerConfig, env_tokens: str | None) -> None:
-    """Raise ValueError now for what start() would refuse: bad tokens, auth without TLS, unusable PEM files."""
+class Secured(NamedTuple):
+    """The server's auth and TLS, read once from the token and PEM files."""
+
+    auth: security.Auth | None
+    credentials: grpc.ServerCredentials | None
+
+
+def load_security(config: ServerConfig, env_tokens: str | None) -> Secured:
+    """Read the token and PEM files; raise ValueError for bad tokens, auth without TLS, unusable PEM files."""
     auth = security.load_auth(config.auth_tokens_file, env_tokens, config.auth_health, config.auth_reflection)
     security.check_transport(config, auth)
-    security.server_credentials(config)
+    return Secured(auth, security.server_credentials(config))
 
 
 def resolve_config(config_path: str | None, overrides: dict, port: int | None = None) -> tuple[ServerConfig, dict]:
@@ -216,8 +224,8 @@ def resolve_config(config_path: str | None, overrides: dict, port: int | None = 
     return server_config, guard_tables
 
 
-async def _serve(guard, config: ServerConfig, on_bound, env_tokens: str | None = None) -> int:
-    running = await start(config.address, guard, config, env_tokens)
+async def _serve(guard, config: ServerConfig, on_bound, secured: Secured | None = None) -> int:
+    running = await start(config.address, guard, config, secured=secured)
     host = config.address.rpartition(":")[0]
     on_bound(f"serving on {host}:{running.port}")  # scripts read the real port from this line
     if running.metrics_port is not None:

@@ -13,6 +13,8 @@ import logging
 from typing import Callable
 
 import grpc
+
+from server.service import verdict_name
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,10 @@ class Metrics:
         """Count one finished RPC; `response` (an AskResponse, or None) adds verdict, stages and tokens."""
         self.requests.labels(rpc, code.name).inc()
         self.request_seconds.labels(rpc).observe(seconds)
-        if response is None or "verdict" not in type(response).DESCRIPTOR.fields_by_name:
+        verdict = verdict_name(response) if response is not None else None
+        if verdict is None:
             return
-        verdict = type(response).DESCRIPTOR.fields_by_name["verdict"].enum_type.values_by_number[response.verdict]
-        self.verdicts.labels(rpc, verdict.name.removeprefix("VERDICT_")).inc()
+        self.verdicts.labels(rpc, verdict).inc()
         for stage in STAGES:
             self.stage_seconds.labels(stage).observe(getattr(response.timings, f"{stage}_ms") / 1e3)
         if rpc in _GENERATING_RPCS:

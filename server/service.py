@@ -123,6 +123,14 @@ def response_to_pb(result: GuardResult, total_ms: float) -> pb.AskResponse:
     return msg
 
 
+def verdict_name(response) -> str | None:
+    """The verdict of a response message as audit, metrics and logs name it (`ANSWER`, `ABSTAIN`, ...);
+    None for a message with no verdict field (GetModelInfo's)."""
+    if "verdict" not in type(response).DESCRIPTOR.fields_by_name:
+        return None
+    return pb.Verdict.Name(response.verdict).removeprefix("VERDICT_")
+
+
 def model_info_to_pb(info: ModelInfo, guard_config, config: ServerConfig) -> pb.ModelInfo:
     """`guard_config` is the runtime's GuardConfig: its limits and default decode settings."""
     return pb.ModelInfo(

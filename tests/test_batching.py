@@ -469,3 +469,18 @@ def _wait_until(condition, timeout_s: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the scheduler"
         time.sleep(0.005)
+
+
+def test_the_batch_mask_grows_in_place_and_equals_the_concatenated_mask():
+    from guard.batching import _Mask
+
+    start = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], np.int64)
+    mask, expected, handed = _Mask(start), start, []
+    for _ in range(150):  # past the spare columns, so the buffer grows (twice)
+        step = mask.extend()
+        expected = np.concatenate([expected, np.ones((2, 1), np.int64)], axis=1)
+        np.testing.assert_array_equal(step, expected)
+        handed.append((step, expected))
+    for step, seen in handed[:5]:  # what a backend was given is never rewritten by later steps
+        np.testing.assert_array_equal(step, seen)
+    np.testing.assert_array_equal(mask.array, expected)

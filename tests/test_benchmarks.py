@@ -79,14 +79,36 @@ def test_parity_smoke_reports_each_precision_against_the_gate(nano, tmp_path):
     assert "| fp32 |" in (tmp_path / "out" / "parity.md").read_text()
 
 
-def test_serving_smoke_reports_each_concurrency_level_and_the_grpc_overhead(nano, tmp_path):
+def test_serving_smoke_reports_each_level_the_grpc_overhead_and_the_batching_ceiling(nano, tmp_path):
     _, bundles = nano  # a bundle: the server starts without importing torch
-    lines = _run("serving", ["--model", "nano=" + bundles[1].partition("=")[2], "--config", "none"], tmp_path)
+    lines = _run("serving", ["--model", "nano=" + bundles[1].partition("=")[2], "--config", "none",
+                             "--compare-unbatched"], tmp_path)
     levels = [r for r in lines if r["event"] == "level"]
-    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    # each level on the configured server, then on the same server with batching off
+    assert [(lv["concurrency"], lv["series"]) for lv in levels] == [
+        (1, "configured"), (1, "batching off"), (2, "configured"), (2, "batching off")]
     for lv in levels:
         assert lv["requests"] == 4 and lv["ok"] + sum(lv["errors_by_code"].values()) == lv["requests"]
         assert _number(lv["throughput_rps"]) and _number(lv["latency_ms"]["p99"])
+        assert set(lv["stage_ms"]) == {"preprocess", "vision", "prefill", "decode", "guard", "total"}
     overhead = next(r for r in lines if r["event"] == "overhead")
     assert _number(overhead["overhead_p50_ms"]) and _number(overhead["client_minus_server_ms"]["p50"])
-    assert "| concurrency |" in (tmp_path / "out" / "serving.md").read_text()
+
+    (c,) = [r for r in lines if r["event"] == "ceiling"]
+    serial = levels[0]
+    stage = c["stage_mean_ms"]
+    assert c["vision_plus_prefill_ms"] == stage["vision"] + stage["prefill"] > 0
+    # measured in the same run: the serial level's wall time per request over its own vision + prefill
+    assert math.isclose(c["serial_ms_per_request"], serial["wall_s"] * 1e3 / serial["ok"])
+    assert math.isclose(c["amdahl_ceiling"], c["serial_ms_per_request"] / c["vision_plus_prefill_ms"])
+    assert c["amdahl_ceiling"] >= 1
+    assert c["vs_serial"]["1"] == 1.0 and math.isclose(c["vs_serial"]["2"],
+                                                       levels[2]["throughput_rps"] / serial["throughput_rps"])
+    assert math.isclose(c["vs_unbatched_serial"]["2"], levels[2]["throughput_rps"] / levels[1]["throughput_rps"])
+    report = (tmp_path / "out" / "serving.md").read_text()
+    assert "| server | repeat | concurrency |" in report and "× serial" in report
+    assert "Amdahl ceiling for batching" in report and f"**{c['amdahl_ceiling']:.2f}×**" in report
+    saved = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert [b["amdahl_ceiling"] for b in saved["batching"]] == [c["amdahl_ceiling"]]
+    for ref in (r for r in lines if r["event"] == "reference_answer_tokens"):  # where ../shared/data is
+        assert ref["positive"]["n"] > 0 and ref["positive"]["p50"] > 0 and ref["negative"]["p50"] > 0

@@ -106,3 +106,28 @@ def test_splice_image_fills_exactly_the_image_slots():
     ids = np.array([1, 7, 7, 2, 3])
     out = decode.splice_image(emb, ids, np.ones((1, 2, 3), np.float32), image_token_id=7)
     assert out[0, 1:3].sum() == 6 and out[0, [0, 3, 4]].sum() == 0
+
+
+def _count_exps(monkeypatch) -> list[int]:
+    sizes: list[int] = []
+    real = np.exp
+    monkeypatch.setattr(decode.np, "exp", lambda x, *a, **k: sizes.append(np.size(x)) or real(x, *a, **k))
+    return sizes
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_decoding_step_at_temperature_0_or_1_takes_one_exp_over_the_vocabulary(monkeypatch, temperature):
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    seq = decode.Sequence(DecodeConfig(max_new_tokens=4, temperature=temperature, seed=1), EOS)
+    sizes = _count_exps(monkeypatch)
+    seq.push(logits, np.zeros(3, np.float32), np.zeros(3, np.float32))
+    assert sizes.count(logits.size) == 1
+
+
+def test_sampling_from_the_shared_exp_picks_the_tokens_of_the_float64_path():
+    logits = np.random.default_rng(1).normal(scale=2.0, size=300).astype(np.float32)
+    _, weights = decode._shifted_exp(logits[None])
+    for seed in range(100):
+        alone = decode.sample(logits, 1.0, np.random.default_rng(seed))
+        shared = decode.sample(logits, 1.0, np.random.default_rng(seed), weights=weights[0])
+        assert shared == alone, seed

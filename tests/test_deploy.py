@@ -149,6 +149,48 @@ def test_make_repo_names_a_directory_that_is_not_a_bundle(tmp_path):
     assert proc.returncode == 2 and "manifest.json is missing" in proc.stderr
 
 
+def _traversal_bundle(tmp_path: Path, graph_file: str) -> Path:
+    """A bundle whose manifest points its decoder at a file outside it, with that file's true sha256,
+    so only the containment check can stop the copy."""
+    import hashlib
+    import json
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    secret = tmp_path / "secret.onnx"
+    secret.write_bytes(b"not yours")
+    files = {f"{r}.onnx": hashlib.sha256(r.encode()).hexdigest() for r in ("vision", "embed", "head")}
+    for r in ("vision", "embed", "head"):
+        (bundle / f"{r}.onnx").write_bytes(r.encode())
+    files[graph_file] = hashlib.sha256(b"not yours").hexdigest()
+    graphs = {r: {"file": f"{r}.onnx", "inputs": [], "outputs": []} for r in ("vision", "embed", "head")}
+    graphs["decoder"] = {"file": graph_file, "inputs": [], "outputs": []}
+    (bundle / "manifest.json").write_text(json.dumps({"format": "medhallguard-bundle-v1", "graphs": graphs,
+                                                      "files": files}))
+    return bundle
+
+
+@pytest.mark.parametrize("graph_file", ["../secret.onnx", "ABSOLUTE"])
+def test_make_repo_refuses_a_manifest_file_outside_the_bundle_and_writes_nothing(tmp_path, graph_file):
+    if graph_file == "ABSOLUTE":
+        graph_file = str(tmp_path / "secret.onnx")
+    bundle = _traversal_bundle(tmp_path, graph_file)
+    repo = tmp_path / "repo"
+    proc = subprocess.run([sys.executable, "-S", str(MAKE_REPO), str(bundle), str(repo)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "outside the bundle" in proc.stderr and graph_file in proc.stderr
+    assert not repo.exists(), "nothing may be written before the manifest is checked"
+
+
+def test_make_repo_refuses_a_prefix_that_is_a_path(tmp_path):
+    bundle = _traversal_bundle(tmp_path, "decoder.onnx")
+    proc = subprocess.run([sys.executable, "-S", str(MAKE_REPO), str(bundle), str(tmp_path / "repo"),
+                           "--prefix", "../escaped"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--prefix" in proc.stderr
+    assert not (tmp_path / "escaped_vision").exists()
+
+
 def test_make_repo_keeps_the_manifest_constants_of_guard_manifest():
     """make_repo.py is standard-library only, so it copies these instead of importing guard.manifest."""
     import importlib.util

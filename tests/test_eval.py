@@ -265,3 +265,13 @@ def test_skip_malformed_skips_and_reports_the_bad_line(runner, tmp_path):
     assert any(line.startswith("skipped:") and "row 2" in line for line in logged)
     assert "1 malformed rows SKIPPED" in (tmp_path / "out" / "report.md").read_text()
     assert "row 2" in report["run"]["data"][0]["skipped_malformed_rows"][0]
+
+
+def test_ask_requests_carry_max_new_tokens_from_construction_and_none_without_it(tmp_path):
+    from training.data import load_examples
+    from training.evaluate import ask_requests
+
+    examples = load_examples(_slice(VAL["positive"], tmp_path, 2), None, allow_missing_images=True).examples
+    capped = ask_requests(examples, max_new_tokens=7)
+    assert [r.generation.max_new_tokens for r in capped] == [7, 7]
+    assert not any(r.HasField("generation") for r in ask_requests(examples))  # the server's default applies

@@ -44,7 +44,7 @@ def test_greedy_decoding_matches_transformers_generate(guards, family):
     pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
     ids = g.prompter.encode_prompt("Describe the image.")
     ours = decode.generate(
-        g.backend, g._prompt_embeds("Describe the image.", pixels), (), DecodeConfig(max_new_tokens=8)
+        g.backend, g._embed_prompt(ids, pixels), (), DecodeConfig(max_new_tokens=8)
     ).token_ids
     pv = torch.from_numpy(pixels)
     extra = {"pixel_values": pv[:, None]} if family == "smolvlm" else {"pixel_values": pv}
@@ -59,7 +59,7 @@ def test_greedy_decoding_matches_transformers_generate(guards, family):
 def test_teacher_forcing_gives_the_features_of_generation(guards, family):
     g = guards[family]
     pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
-    embeds = g._prompt_embeds("What organ is shown?", pixels)
+    embeds = g._embed_prompt(g.prompter.encode_prompt("What organ is shown?"), pixels)
     gen = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=6, temperature=1.0, seed=1))
     tf = decode.teacher_force(g.backend, embeds, gen.token_ids)
     np.testing.assert_allclose(tf.logprobs, gen.logprobs, atol=1e-4)

@@ -331,3 +331,40 @@ def test_tokens_file_comments_do_not_cut_a_token_that_contains_a_hash(tmp_path):
     auth = security.load_auth(str(path), None, False, True)
     assert auth.client_for([("authorization", "Bearer abc#def-0123456789xyz")]) == "dana"
     assert len(auth.digests) == 1
+
+
+def test_serve_reads_the_token_and_pem_files_once_and_serves_what_it_checked(pki, tmp_path, monkeypatch):
+    """serve() checks auth and TLS before the slow model load; the server then uses those, not a second read."""
+    import types
+
+    import guard.runtime
+    from server import main
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\n")
+    tokens.chmod(0o600)
+    reads = {"load_auth": 0, "server_credentials": 0}
+    for name in reads:
+        real = getattr(security, name)
+        monkeypatch.setattr(security, name, lambda *a, _real=real, _name=name: reads.__setitem__(
+            _name, reads[_name] + 1) or _real(*a))
+
+    def load_guard(model, config, bundle=False):
+        tokens.unlink()  # the file goes away while the model loads: nothing may read it again
+        return types.SimpleNamespace(spec=types.SimpleNamespace(model_id="fake"),
+                                     backend=types.SimpleNamespace(name="fake"))
+
+    served = {}
+
+    async def fake_serve(guard, config, on_bound, secured=None):
+        served["secured"] = secured
+        return 0
+
+    monkeypatch.setattr(guard.runtime, "load_guard", load_guard)
+    monkeypatch.setattr(main, "_serve", fake_serve)
+    monkeypatch.delenv("MEDHALLGUARD_AUTH_TOKENS", raising=False)
+    overrides = {"auth_tokens_file": str(tokens), "tls_cert": pki.server_cert, "tls_key": pki.server_key}
+    assert main.serve(str(tmp_path / "model"), None, overrides, port=0) == 0
+    assert reads == {"load_auth": 1, "server_credentials": 1}
+    auth, credentials = served["secured"]
+    assert auth.client_for([("authorization", f"Bearer {ALICE}")]) == "alice" and credentials is not None

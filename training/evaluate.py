@@ -50,10 +50,12 @@ def call_all(address: str, requests: list, rpc: str, concurrency: int, desc: str
             return list(tqdm(pool.map(lambda r: call(r, timeout=timeout_s), requests), total=len(requests), desc=desc))
 
 
-def ask_requests(examples):
+def ask_requests(examples, max_new_tokens: int | None = None):
+    """One AskRequest per example; `max_new_tokens` overrides the server's default when given."""
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    return [pb.AskRequest(**_image_fields(e), question=e.question, request_id=e.id) for e in examples]
+    generation = {"generation": pb.GenerationSettings(max_new_tokens=max_new_tokens)} if max_new_tokens else {}
+    return [pb.AskRequest(**_image_fields(e), question=e.question, request_id=e.id, **generation) for e in examples]
 
 
 def score_requests(examples, answers):
@@ -68,20 +70,22 @@ def _image_fields(example) -> dict:
     return {"image": image, "media_type": media_type}
 
 
-def phantom_rates(examples, answers) -> dict:
-    """Accuracy on positive questions and false-premise acceptance on negative ones, by the exact judge."""
+def phantom_judgements(examples, answers) -> list:
+    """The exact judge's Judgement (training.phantom_judge) of each answer, row by row."""
     from training.phantom_judge import judge, qa_of
 
-    js = [judge(a, qa_of(e)) for e, a in zip(examples, answers)]
-    pos = [j for j, e in zip(js, examples) if e.polarity == "positive"]
-    neg = [j for j, e in zip(js, examples) if e.polarity == "negative"]
+    return [judge(a, qa_of(e)) for e, a in zip(examples, answers)]
+
+
+def phantom_rates(examples, judgements) -> dict:
+    """Accuracy on positive questions and false-premise acceptance on negative ones, from phantom_judgements."""
+    pos = [j for j, e in zip(judgements, examples) if e.polarity == "positive"]
+    neg = [j for j, e in zip(judgements, examples) if e.polarity == "negative"]
     return {
         "positive_questions": len(pos), "negative_questions": len(neg),
         "positive_accuracy": safe(np.mean([j.correct for j in pos])) if pos else None,
         "negative_hallucination_rate": safe(np.mean([j.accepted_false_premise for j in neg])) if neg else None,
-        "hallucinated_any": safe(np.mean([j.hallucinated for j in js])),
-        "hallucinated": [j.hallucinated for j in js],
-        "accepted": [j.accepted_false_premise for j in js],
+        "hallucinated_any": safe(np.mean([j.hallucinated for j in judgements])),
     }
 
 
@@ -121,14 +125,15 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
                             concurrency, "MedHallTune held-out: Score")
 
     # PhantomVQA: answer quality of both models, and the tuned guard on held-out generations.
-    t_rates, b_rates = phantom_rates(heldout, [r.answer for r in tuned]), phantom_rates(heldout, [r.answer for r in base])
-    labels = t_rates.pop("hallucinated") + b_rates.pop("hallucinated")
+    t_js = phantom_judgements(heldout, [r.answer for r in tuned])
+    b_js = phantom_judgements(heldout, [r.answer for r in base])
+    t_rates, b_rates = phantom_rates(heldout, t_js), phantom_rates(heldout, b_js)
+    labels = [j.hallucinated for j in t_js + b_js]
     p_hall = [r.p_hallucination for r in tuned] + [r.p_hallucination for r in judged_base]
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
-    shown_false_premise = [h and r.verdict != pb.VERDICT_ABSTAIN  # an abstention withholds the answer
-                           for h, r, e in zip(t_rates.pop("accepted"), tuned, heldout) if e.polarity == "negative"]
-    b_rates.pop("accepted")
+    shown_false_premise = [j.accepted_false_premise and r.verdict != pb.VERDICT_ABSTAIN  # abstaining withholds it
+                           for j, r, e in zip(t_js, tuned, heldout) if e.polarity == "negative"]
     report["phantom"] = {
         "heldout_questions": len(heldout),
         "tuned": {**t_rates, "verdicts": verdict_counts(tuned),

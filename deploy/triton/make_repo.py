@@ -15,8 +15,9 @@ dim and have no other dynamic dim (vision: num_images; head: batch) gets
 `max_batch_size: 0`: their sequence dims vary per request and the decoder's
 KV cache is per-request state that the client passes in and gets back.
 
-Every graph file is checked against its sha256 in the manifest before it is
-copied. The decode loop, the guard heads' inputs and the verdict policy stay
+Every file the manifest lists must lie inside the bundle (no `../`, absolute
+paths or symlinks out), and each graph file is checked against its sha256 in
+the manifest before it is copied. The decode loop, the guard heads' inputs and the verdict policy stay
 with the client: see deploy/triton/README.md.
 """
 
@@ -105,6 +106,10 @@ def make_repo(bundle: Path, repo: Path, prefix: str = "medhallguard", kind: str 
     """Write the repository; -> {role: model directory}. REPO_DIR may exist; the models' own dirs must not."""
     manifest = load_manifest(bundle)
     files = manifest.get("files", {})
+    if Path(prefix).name != prefix or prefix in ("", ".", ".."):
+        raise BundleError(f"--prefix {prefix!r} must be a plain name (no '/' or '..'): it names model directories")
+    for part in files:  # before anything is written, so a hostile manifest leaves no half-made repository
+        _check_inside(bundle, part)
     written = {}
     for role in ROLES:
         graph = manifest["graphs"][role]
@@ -128,6 +133,13 @@ def make_repo(bundle: Path, repo: Path, prefix: str = "medhallguard", kind: str 
         (model_dir / "config.pbtxt").write_text(config_pbtxt(name, graph, kind, instances, max_batch_size))
         written[role] = model_dir
     return written
+
+
+def _check_inside(bundle: Path, part: str) -> None:
+    """Refuse a manifest file name that leaves the bundle (`../x`, an absolute path, a symlink out), as
+    guard.manifest's _check_file does: make_repo copies these files, so a hostile manifest could exfiltrate."""
+    if not (bundle / part).resolve().is_relative_to(bundle.resolve()):
+        raise BundleError(f"manifest.json lists {part!r}, which is outside the bundle {bundle}; refusing to copy it")
 
 
 def _sha256(path: Path) -> str:
