@@ -97,16 +97,18 @@ def test_the_head_graph_computes_what_the_numpy_heads_compute(tmp_path_factory, 
     bundle = export_nano(tmp_path_factory, nano_models["smolvlm"])
     heads = GuardHeads.load(bundle / HEADS_FILE)
     rng = np.random.default_rng(0)
-    answer = rng.standard_normal((3, heads.answer.w1.shape[0])).astype(np.float32)
-    prompt = rng.standard_normal((3, heads.premise.w1.shape[0])).astype(np.float32)
+    answer_dim, prompt_dim = heads.feature_sizes()
+    answer = rng.standard_normal((3, answer_dim)).astype(np.float32)
+    prompt = rng.standard_normal((3, prompt_dim)).astype(np.float32)
     session = ort.InferenceSession(str(bundle / "head.onnx"), providers=["CPUExecutionProvider"])
     a, p, p_hall, risk, scores = session.run(None, {"answer_features": answer, "prompt_features": prompt})
     sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-    np.testing.assert_allclose(a, heads.answer(answer), atol=1e-5)
+    logits = np.concatenate([heads.hallucination(answer), heads.scores(answer)], axis=1)
+    np.testing.assert_allclose(a, logits, atol=1e-5)
     np.testing.assert_allclose(p, heads.premise(prompt), atol=1e-5)
-    np.testing.assert_allclose(p_hall, sigmoid(heads.answer(answer)[:, 0] / heads.answer_temperature), atol=1e-6)
+    np.testing.assert_allclose(p_hall, sigmoid(logits[:, 0] / heads.answer_temperature), atol=1e-6)
     np.testing.assert_allclose(risk, sigmoid(heads.premise(prompt)[:, 0] / heads.premise_temperature), atol=1e-6)
-    np.testing.assert_allclose(scores, 1 + 9 * sigmoid(heads.answer(answer)[:, 1:5]), atol=1e-5)
+    np.testing.assert_allclose(scores, 1 + 9 * sigmoid(logits[:, 1:5]), atol=1e-5)
 
 
 # --- the onnxruntime backend ---------------------------------------------------

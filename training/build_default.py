@@ -182,22 +182,62 @@ def _publish(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def _renew_random_heads(model_dir: Path) -> None:
+    """The baseline serves random-init heads; rewrite them when they are in a format this release cannot read."""
+    from guard.errors import ModelLoadError
+    from guard.head import GuardHeads
+    from guard.spec import HEADS_FILE, spec_from_hf_dir
+
+    try:
+        GuardHeads.load(model_dir / HEADS_FILE)
+    except ModelLoadError:
+        GuardHeads.random(spec_from_hf_dir(model_dir).hidden_size).save(model_dir / HEADS_FILE)
+        print(f"wrote random-init guard heads in the current format to {model_dir / HEADS_FILE}")
+
+
+def _refit_heads(root: Path, publish: bool) -> int:
+    """Refit the heads of the build at `root`; -> exit code (2 when the build is incomplete)."""
+    missing = [p for p in (root / "tuned", root / "baseline", root / "data" / "phantom" / "train.json",
+                           root / "data" / "medhalltune" / "pred_train.json") if not p.exists()]
+    if missing:
+        print(f"{root} is not a complete build-default folder (missing: {', '.join(map(str, missing))}); "
+              "run `medhallguard build-default` first, or point --out at one")
+        return 2
+    _renew_random_heads(root / "baseline")
+    metrics = fit_default_heads(root, DefaultRecipe())
+    record_path = root / "build_record.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        record["head_calibration"] = metrics
+        record_path.write_text(json.dumps(record, indent=2))
+    if publish:
+        _publish(root / "tuned", default_model_dir())
+    print(f"refit the guard heads of {root / 'tuned'}" + (f"; published to {default_model_dir()}" if publish else ""))
+    return 0
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build-default",
         help="train the default nano model and its baseline from scratch (about 15 minutes on 2 cores)",
         description=__doc__,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
-        epilog="example: medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)",
+        epilog="examples:\n  medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)\n"
+               "  medhallguard build-default --heads-only --out BUILD_DIR   (refit the heads of an earlier build, ~1 min)",
     )
     p.add_argument("--out", type=Path, help="build folder (default: $MEDHALLGUARD_CACHE/default-build)")
     p.add_argument("--medhalltune-dir", type=Path, default=DEFAULT_MEDHALLTUNE_DIR, help="folder with the MedHallTune JSONL files")
     p.add_argument("--force", action="store_true", help="rebuild even if the cached default model exists")
+    p.add_argument("--heads-only", action="store_true",
+                   help="refit only the guard heads of an existing build (its tuned and baseline models and data), "
+                        "e.g. after the heads' features change; publishes them to the default model when --out is not given")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     root = args.out or cache_root() / "default-build"
+    if args.heads_only:
+        return _refit_heads(root, publish=args.out is None)
     if not args.force and args.out is None and (default_model_dir() / "guard_heads.safetensors").is_file():
         print(f"the default model exists at {default_model_dir()}; pass --force to rebuild")
         return 0
