@@ -85,9 +85,14 @@ def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cv_pick(make, grid, x, y, groups, score, folds: int = 5):
-    """The grid value whose model scores best (mean over GroupKFold folds); -> (value, its CV score)."""
+    """The grid value whose model scores best (mean over GroupKFold folds); -> (value, its CV score).
+
+    With fewer than two groups there is nothing to cross-validate: the middle of the grid, score NaN."""
     from sklearn.model_selection import GroupKFold
 
+    folds = min(folds, len(set(groups.tolist())))
+    if folds < 2:
+        return grid[len(grid) // 2], float("nan")
     splits = list(GroupKFold(n_splits=folds).split(x, y, groups))
     results = []
     for v in grid:
@@ -197,7 +202,13 @@ def fit_heads(rows: FeatureRows, cfg: HeadFitConfig = HeadFitConfig(), calib_fra
     hall, scored = ~np.isnan(ay[:, 0]), ~np.isnan(ay[:, 1])
     fit_h, fit_s = hall & ~a_cal, scored & ~a_cal
     hallucination = fit_mlp(ax[fit_h], ay[fit_h, :1], ("bce",), cfg)
-    scores, s_info = fit_ridge_scores(ax[fit_s], ay[fit_s, 1:], a_group[fit_s])
+    if fit_s.sum() >= 2:
+        scores, s_info = fit_ridge_scores(ax[fit_s], ay[fit_s, 1:], a_group[fit_s])
+    else:  # no scored answers: every score is the scale's middle, and the record says why
+        mean, std = _standardizer(ax)
+        scores = LinearHead(mean=mean, std=std, w=np.zeros((ax.shape[1], len(SCORE_NAMES)), np.float32),
+                            b=np.zeros(len(SCORE_NAMES), np.float32))
+        s_info = {"scores_ridge_alpha": None, "note": "no scored answers: the score head outputs 5.5"}
     premise, p_info = fit_logistic(px[~p_cal], py[~p_cal], p_group[~p_cal])
 
     cal_h, cal_s = hall & a_cal, scored & a_cal
