@@ -5,7 +5,8 @@ the heads needs them for thousands of answers. This module computes the same
 features in batches, with the same split of the model (embed, splice image
 features, text model, LM head) as `guard.backends.torch_backend`, and returns
 `guard.types.Generation` objects, so `guard.head.answer_features` and
-`prompt_features` apply unchanged. A test checks that both paths agree.
+`prompt_features` apply unchanged (the question means included). A test checks
+that both paths agree.
 """
 
 from __future__ import annotations

@@ -81,6 +81,9 @@ class TrainConfig:
     """Train rows whose image file is missing on a blank image (and say so in the record)."""
     positive_only: bool = False
     """Drop hallucination-inducing (negative) questions: the "before tuning" baseline recipe."""
+    question_lm: bool = False
+    """Also train next-token prediction on the question's tokens (not only the answer's), so the
+    question's hidden states, which the premise head reads, learn the question's own wording."""
     premise_loss_weight: float = 0.0
     """Weight of an auxiliary loss: a linear probe on the question's mean hidden states (the premise
     head's features) predicts whether the question is negative. It teaches the model to represent a
@@ -135,8 +138,10 @@ def _default_image_dir(path: Path) -> Path:
 class EncodedExamples:
     """VqaExample -> (input_ids, labels, pixels): the prompt exactly as the runtime builds it."""
 
-    def __init__(self, examples: list[VqaExample], prompter: Prompter, max_answer_tokens: int):
+    def __init__(self, examples: list[VqaExample], prompter: Prompter, max_answer_tokens: int,
+                 question_lm: bool = False):
         self.examples, self.prompter, self.max_answer_tokens = examples, prompter, max_answer_tokens
+        self.question_lm = question_lm
         self._pixels: dict[str, object] = {}
 
     def __len__(self) -> int:
@@ -147,8 +152,10 @@ class EncodedExamples:
         prompt = self.prompter.encode_prompt(ex.question).tolist()
         eos = self.prompter.spec.eos_token_ids[0]
         answer = self.prompter.encode_answer(ex.answer)[: self.max_answer_tokens] + [eos]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "pixels": self.pixels(ex),
-                "question": (question_start(np.array(prompt), self.prompter.spec.image_token_id), len(prompt)),
+        start = question_start(np.array(prompt), self.prompter.spec.image_token_id)
+        targets = [-100] * start + prompt[start:] if self.question_lm else [-100] * len(prompt)
+        return {"input_ids": prompt + answer, "labels": targets + answer, "pixels": self.pixels(ex),
+                "question": (start, len(prompt)),
                 "negative": float(ex.polarity == "negative")}
 
     def pixels(self, ex: VqaExample):
@@ -221,7 +228,7 @@ def train(cfg: TrainConfig) -> Path:
         acc.print(note)
     examples = mix(parts, cfg.steps * cfg.batch_size * acc.num_processes, seed=cfg.seed)
     pad_id = spec.eos_token_ids[0]  # padded positions are masked out of attention and loss
-    loader = DataLoader(EncodedExamples(examples, prompter, cfg.max_answer_tokens), batch_size=cfg.batch_size,
+    loader = DataLoader(EncodedExamples(examples, prompter, cfg.max_answer_tokens, cfg.question_lm), batch_size=cfg.batch_size,
                         shuffle=False, collate_fn=lambda b: collate(b, pad_id))
 
     # 2) Model, optimizer, schedule.
@@ -396,9 +403,11 @@ def _add_arguments(p) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--no-merge", action="store_true", help="LoRA: save the adapter only (not servable as is)")
     p.add_argument("--positive-only", action="store_true", help="drop negative questions (the baseline recipe)")
+    p.add_argument("--question-lm", action="store_true",
+                   help="also train next-token prediction on the question's tokens (the premise head reads their states)")
     p.add_argument("--premise-loss-weight", type=float, default=0.0,
                    help="weight of the auxiliary premise loss: a probe on the question's mean hidden states "
-                        "predicts negative questions (default 0: off; build-default uses 0.3)")
+                        "predicts negative questions (default 0: off)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-id", help="id written to medhallguard.json (default: the output folder's name)")
@@ -419,7 +428,8 @@ def config_from_args(args) -> TrainConfig:
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
                        positive_only=args.positive_only, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                       model_id=args.model_id, premise_loss_weight=args.premise_loss_weight)
+                       model_id=args.model_id, premise_loss_weight=args.premise_loss_weight,
+                       question_lm=args.question_lm)
 
 
 def _run(args) -> int:
