@@ -45,6 +45,17 @@ def answer_features(gen: Generation) -> np.ndarray:
                            np.array(unc)]).astype(np.float32)
 
 
+def heads_format(path: str | Path) -> str | None:
+    """The format a heads file declares (None when it declares none); raises OSError if it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("format")
+    except SafetensorError as exc:
+        raise OSError(f"{path} is not a safetensors file ({exc})") from exc
+
+
 def feature_sizes(hidden_size: int) -> tuple[int, int]:
     """-> (answer features, prompt features) lengths for a model of this hidden size."""
     return 4 * hidden_size + len(UNCERTAINTY_FEATURES), 2 * hidden_size

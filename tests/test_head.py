@@ -81,7 +81,12 @@ def test_heads_of_the_old_format_are_refused_with_how_to_refit(tmp_path):
     v1 = {f"{p}.{k}": rng.standard_normal(shape).astype(np.float32)
           for p, f_in, out in (("answer", 2 * D + 5, 5), ("premise", 2 * D, 1))
           for k, shape in (("mean", (f_in,)), ("std", (f_in,)), ("w1", (f_in, 4)), ("b1", (4,)), ("w2", (4, out)), ("b2", (out,)))}
-    save_file(v1, str(tmp_path / "h.safetensors"), metadata={
+    save_file(v1, str(tmp_path / "guard_heads.safetensors"), metadata={
         "format": "medhallguard-heads-v1", "answer_temperature": "1.0", "premise_temperature": "1.0", "trained": "true"})
     with pytest.raises(ModelLoadError, match="heads-v1.*--heads-only"):
-        GuardHeads.load(tmp_path / "h.safetensors")
+        GuardHeads.load(tmp_path / "guard_heads.safetensors")
+    from training.build_default import heads_are_current
+
+    assert not heads_are_current(tmp_path)  # so ensure_default() refits before serving
+    GuardHeads.random(D).save(tmp_path / "guard_heads.safetensors")
+    assert heads_are_current(tmp_path)

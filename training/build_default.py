@@ -179,7 +179,20 @@ def ensure_default(log=print) -> Path:
         log(f"[build-default] building the default model under {root} (about 15 minutes on 2 cores) ...")
         build_default(root, log=log)
         _publish(root / "tuned", model)
+    elif not heads_are_current(model) and _refit_heads(root, publish=True) != 0:
+        raise RuntimeError(f"the default model's guard heads at {model} are an older format and {root} cannot "
+                           "refit them; rebuild with `medhallguard build-default --force`")
     return model
+
+
+def heads_are_current(model_dir: Path) -> bool:
+    """True when `model_dir`'s guard heads are in the format this release reads."""
+    from guard.head import HEADS_FORMAT, heads_format
+
+    try:
+        return heads_format(Path(model_dir) / "guard_heads.safetensors") == HEADS_FORMAT
+    except OSError:
+        return False
 
 
 def _publish(src: Path, dst: Path) -> None:
