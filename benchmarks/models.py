@@ -52,12 +52,15 @@ def resolve(spec: str) -> Model:
     if spec == "default":
         from training.build_default import default_model_dir
 
+        from training.build_default import heads_are_current
+
         path = default_model_dir()
-        if (path / HEADS_FILE).is_file():
+        if heads_are_current(path):
             return Model("default", path)
         nano = resolve("nano")
-        note = (f"the default model is not built yet ({path} is missing; `make build-default` builds it), "
-                "so the nano random-init model stood in for it")
+        why = (f"its guard heads at {path} are an older format; `medhallguard build-default --heads-only` refits them"
+               if (path / HEADS_FILE).is_file() else f"{path} is missing; `make build-default` builds it")
+        note = f"the default model is not usable yet ({why}), so the nano random-init model stood in for it"
         say(note)
         return Model("default", nano.path, note)
     if spec in ("nano", "256m"):

@@ -3,8 +3,11 @@
 Our runtime scores in numpy from guard_heads.safetensors; a Triton ensemble or
 another language reads head.onnx instead. Both compute the same thing:
 
-  answer_features [N, 2D+5] -> answer_logits [N, 5], p_hallucination [N], scores [N, 4] (1-10)
+  answer_features [N, 4D+5] -> answer_logits [N, 5] (p_hallucination logit, 4 score logits),
+                               p_hallucination [N], scores [N, 4] (1-10)
   prompt_features [N, 2D]   -> premise_logits [N, 1], premise_risk [N]
+
+Features as `guard.head.answer_features` / `prompt_features` (heads format v2).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from guard.head import GuardHeads, MLPHead
+from guard.head import GuardHeads, LinearHead, MLPHead
 
 INPUTS = ("answer_features", "prompt_features")
 OUTPUTS = ("answer_logits", "premise_logits", "p_hallucination", "premise_risk", "scores")
@@ -33,11 +36,26 @@ class _Builder:
         return out
 
 
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32)
+
+
+def _standardize(b: _Builder, x: str, head, p: str) -> str:
+    return b.op("Div", [b.op("Sub", [x, b.const(f"{p}.mean", _f32(head.mean))], f"{p}/centered"),
+                        b.const(f"{p}.std", _f32(head.std))], f"{p}/standardized")
+
+
+def _linear(b: _Builder, x: str, head: LinearHead, p: str) -> str:
+    """standardize -> Linear, as LinearHead."""
+    z = _standardize(b, x, head, p)
+    return b.op("Add", [b.op("MatMul", [z, b.const(f"{p}.w", _f32(head.w))], f"{p}/mm"),
+                        b.const(f"{p}.b", _f32(head.b))], f"{p}/out")
+
+
 def _mlp(b: _Builder, x: str, head: MLPHead, p: str) -> str:
     """standardize -> Linear -> GELU (tanh form, as MLPHead) -> Linear."""
-    f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
-    z = b.op("Div", [b.op("Sub", [x, b.const(f"{p}.mean", f32(head.mean))], f"{p}/centered"),
-                     b.const(f"{p}.std", f32(head.std))], f"{p}/standardized")
+    f32 = _f32
+    z = _standardize(b, x, head, p)
     h = b.op("Add", [b.op("MatMul", [z, b.const(f"{p}.w1", f32(head.w1))], f"{p}/mm1"),
                      b.const(f"{p}.b1", f32(head.b1))], f"{p}/h")
     cube = b.op("Mul", [b.op("Mul", [h, h], f"{p}/h2"), h], f"{p}/h3")
@@ -51,10 +69,11 @@ def _mlp(b: _Builder, x: str, head: MLPHead, p: str) -> str:
 
 def heads_to_onnx(heads: GuardHeads, opset: int = 18) -> onnx.ModelProto:
     b = _Builder()
-    answer_in = heads.answer.w1.shape[0]
-    prompt_in = heads.premise.w1.shape[0]
-    a = _mlp(b, "answer_features", heads.answer, "answer")
-    p = _mlp(b, "prompt_features", heads.premise, "premise")
+    answer_in, prompt_in = heads.feature_sizes()
+    h = _mlp(b, "answer_features", heads.hallucination, "hallucination")
+    s = _linear(b, "answer_features", heads.scores, "scores")
+    a = b.op("Concat", [h, s], "answer/logits", axis=1)
+    p = _linear(b, "prompt_features", heads.premise, "premise")
     b.op("Identity", [a], "answer_logits")
     b.op("Identity", [p], "premise_logits")
     # p_hallucination = sigmoid(a[:, 0] / T_answer); premise_risk = sigmoid(p[:, 0] / T_premise)
@@ -77,8 +96,8 @@ def heads_to_onnx(heads: GuardHeads, opset: int = 18) -> onnx.ModelProto:
         "guard_heads",
         inputs=[helper.make_tensor_value_info("answer_features", TensorProto.FLOAT, [n, answer_in]),
                 helper.make_tensor_value_info("prompt_features", TensorProto.FLOAT, [n, prompt_in])],
-        outputs=[helper.make_tensor_value_info("answer_logits", TensorProto.FLOAT, [n, heads.answer.w2.shape[1]]),
-                 helper.make_tensor_value_info("premise_logits", TensorProto.FLOAT, [n, heads.premise.w2.shape[1]]),
+        outputs=[helper.make_tensor_value_info("answer_logits", TensorProto.FLOAT, [n, 1 + heads.scores.w.shape[1]]),
+                 helper.make_tensor_value_info("premise_logits", TensorProto.FLOAT, [n, heads.premise.w.shape[1]]),
                  helper.make_tensor_value_info("p_hallucination", TensorProto.FLOAT, [n]),
                  helper.make_tensor_value_info("premise_risk", TensorProto.FLOAT, [n]),
                  helper.make_tensor_value_info("scores", TensorProto.FLOAT, [n, 4])],

@@ -3,8 +3,10 @@
 It works on embeddings, token ids and backend outputs only; it knows nothing
 of images, tokenization, gRPC or thresholds. For every emitted token it keeps
 the log-probability, the entropy and the two hidden states that produced it,
-which is exactly what the guard heads read. `teacher_force` computes the same
-features for an answer produced elsewhere, in one forward pass.
+which is exactly what the guard heads read, and at prefill the mean hidden
+states over the question (every prompt position after the image slots).
+`teacher_force` computes the same features for an answer produced elsewhere,
+in one forward pass.
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ def splice_image(embeds: np.ndarray, ids: np.ndarray, image_features: np.ndarray
     embeds = embeds.copy()
     embeds[0, slots] = image_features[0]
     return embeds
+
+
+def question_start(ids: np.ndarray, image_token_id: int) -> int:
+    """ids [S] -> the first prompt position after the last image slot: the question and the turn's end."""
+    slots = np.flatnonzero(ids == image_token_id)
+    start = int(slots[-1]) + 1 if len(slots) else 0
+    assert start < len(ids), "the prompt must hold text after the image"
+    return start
+
+
+def question_means(hidden_mid: np.ndarray, hidden_last: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill hidden states [S, D] -> their means over positions start.. ([D], [D]), float32."""
+    return hidden_mid[start:].mean(0, dtype=np.float32), hidden_last[start:].mean(0, dtype=np.float32)
 
 
 def token_stats(logits: np.ndarray, tokens: np.ndarray,
@@ -81,16 +96,18 @@ class Sequence:
         self.rng = np.random.default_rng(config.seed)
         self.tokens: list[int] = []
         self._logprobs, self._entropies, self._mids, self._lasts = [], [], [], []
-        self._prompt: tuple[np.ndarray, np.ndarray] | None = None
+        self._question: tuple[np.ndarray, np.ndarray] | None = None
         self.stop_reason = "length"
+
+    def set_question(self, hidden_mid: np.ndarray, hidden_last: np.ndarray, start: int) -> None:
+        """Keep the question's mean hidden states from the prefill output ([S, D] each)."""
+        self._question = question_means(hidden_mid, hidden_last, start)
 
     def push(self, logits: np.ndarray, h_mid: np.ndarray, h_last: np.ndarray) -> int | None:
         """Take the distribution at the newest position ([V], [D], [D]) and pick a token.
 
         Returns the token to feed back, or None when the sequence is complete.
         """
-        if self._prompt is None:  # the first distribution comes from the last prompt position
-            self._prompt = (h_mid, h_last)
         shifted = _shifted_exp(logits[None])  # the one exp over the vocabulary (at temperature 0 or 1)
         token = sample(logits, self.config.temperature, self.rng, weights=shifted[1][0])
         logp, ent = token_stats(logits[None], np.array([token]), shifted)
@@ -107,15 +124,15 @@ class Sequence:
         return None if len(self.tokens) == self.config.max_new_tokens else token
 
     def result(self, prefill_ms: float = 0.0, decode_ms: float = 0.0) -> Generation:
-        assert self._prompt is not None, "a sequence yields a result only after its first token"
+        assert self._question is not None and self.tokens, "a sequence yields a result only after its prefill"
         return Generation(
             token_ids=list(self.tokens),
             logprobs=np.array(self._logprobs, np.float32),
             entropies=np.array(self._entropies, np.float32),
             hidden_mid=np.stack(self._mids).astype(np.float32),
             hidden_last=np.stack(self._lasts).astype(np.float32),
-            prompt_hidden_mid=self._prompt[0].astype(np.float32),
-            prompt_hidden_last=self._prompt[1].astype(np.float32),
+            question_hidden_mid=self._question[0],
+            question_hidden_last=self._question[1],
             stop_reason=self.stop_reason,
             prefill_ms=prefill_ms,
             decode_ms=decode_ms,
@@ -129,8 +146,10 @@ def generate(
     config: DecodeConfig,
     stop: StopSignal | None = None,
     on_token: Callable[[int], None] | None = None,
+    *,
+    question_from: int,
 ) -> Generation:
-    """prompt_embeds: [1, S, D] with the image already spliced in."""
+    """prompt_embeds: [1, S, D] with the image already spliced in; the question starts at `question_from`."""
     stop = stop or StopSignal()
     seq = Sequence(config, eos_token_ids, on_token)
     seq_len = prompt_embeds.shape[1]
@@ -141,6 +160,7 @@ def generate(
     out, cache = backend.forward(
         prompt_embeds, np.ones((1, seq_len), np.int64), np.arange(seq_len, dtype=np.int64)[None], backend.new_cache(1)
     )
+    seq.set_question(out.hidden_mid[0], out.hidden_last[0], question_from)
     token = seq.push(out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1])
     t1 = time.perf_counter()
 
@@ -157,7 +177,8 @@ def generate(
 
 
 def teacher_force(
-    backend: Backend, prompt_embeds: np.ndarray, answer_ids: list[int], stop: StopSignal | None = None
+    backend: Backend, prompt_embeds: np.ndarray, answer_ids: list[int], stop: StopSignal | None = None,
+    *, question_from: int,
 ) -> Generation:
     """Features of a given answer, as if the model had generated it. answer_ids should end with EOS."""
     assert answer_ids, "teacher forcing needs at least one answer token"
@@ -172,14 +193,15 @@ def teacher_force(
     )
     rows = slice(seq_len - 1, total)  # positions whose logits predict answer tokens
     logprobs, entropies = token_stats(out.logits[0, rows], np.array(answer_ids))
+    q_mid, q_last = question_means(out.hidden_mid[0, :seq_len], out.hidden_last[0, :seq_len], question_from)
     return Generation(
         token_ids=list(answer_ids),
         logprobs=logprobs,
         entropies=entropies,
         hidden_mid=out.hidden_mid[0, rows].astype(np.float32),
         hidden_last=out.hidden_last[0, rows].astype(np.float32),
-        prompt_hidden_mid=out.hidden_mid[0, seq_len - 1].astype(np.float32),
-        prompt_hidden_last=out.hidden_last[0, seq_len - 1].astype(np.float32),
+        question_hidden_mid=q_mid,
+        question_hidden_last=q_last,
         stop_reason="teacher_forced",
         prefill_ms=(time.perf_counter() - t0) * 1e3,
     )

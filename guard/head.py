@@ -1,13 +1,20 @@
-"""Guard heads: small numpy MLPs over the model's own hidden states.
+"""Guard heads: small numpy models over the model's own hidden states.
 
-- The answer head reads the answer tokens' hidden states, pooled (mean) at a
-  middle layer and the last, plus uncertainty features; it outputs the
-  p(hallucination) logit and the four MedHallTune scores.
-- The premise head reads the last prompt position only (question + image,
-  before any answer); it outputs the logit of "the question's premise is false".
+Features (D = hidden size; "mid" is layer `spec.mid_layer`, "last" the final normed layer):
+- question features [2D]: the mean hidden state, mid and last, over the question
+  (every prompt position after the image slots: the question and the turn's end);
+- answer features [4D + 5]: the mean over the answer tokens' hidden states, mid
+  and last, the question features, and uncertainty features.
 
-Both are stored in one safetensors file next to the model. Serving runs them
-in numpy, so every backend shares them and they cost microseconds.
+Heads (format v2):
+- hallucination: MLP on answer features -> the p(hallucination) logit;
+- scores: linear (ridge) on answer features -> the four MedHallTune score logits;
+- premise: linear (logistic) on question features -> the "premise is false" logit.
+
+Format v1 read the last prompt position only; its files are refused with a clear
+error, because their weights mean nothing on v2 features. All heads are stored
+in one safetensors file next to the model. Serving runs them in numpy, so every
+backend shares them and they cost microseconds.
 """
 
 from __future__ import annotations
@@ -23,17 +30,65 @@ from guard.types import Generation, GuardScores
 
 UNCERTAINTY_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy", "log_num_tokens")
 SCORE_NAMES = ("clinical_accuracy", "clinical_relevance", "detail_level", "risk_level")
-
-
-def answer_features(gen: Generation) -> np.ndarray:
-    """-> [2D + 5] float32."""
-    unc = [gen.logprobs.mean(), gen.logprobs.min(), gen.entropies.mean(), gen.entropies.max(), np.log1p(len(gen.logprobs))]
-    return np.concatenate([gen.hidden_mid.mean(0), gen.hidden_last.mean(0), np.array(unc)]).astype(np.float32)
+HEADS_FORMAT = "medhallguard-heads-v2"
 
 
 def prompt_features(gen: Generation) -> np.ndarray:
-    """-> [2D] float32: computed from the prompt alone."""
-    return np.concatenate([gen.prompt_hidden_mid, gen.prompt_hidden_last]).astype(np.float32)
+    """-> [2D] float32: the question's mean hidden states; computed from the prompt alone."""
+    return np.concatenate([gen.question_hidden_mid, gen.question_hidden_last]).astype(np.float32)
+
+
+def answer_features(gen: Generation) -> np.ndarray:
+    """-> [4D + 5] float32: answer means (mid, last), question means (mid, last), uncertainty."""
+    unc = [gen.logprobs.mean(), gen.logprobs.min(), gen.entropies.mean(), gen.entropies.max(), np.log1p(len(gen.logprobs))]
+    return np.concatenate([gen.hidden_mid.mean(0), gen.hidden_last.mean(0), prompt_features(gen),
+                           np.array(unc)]).astype(np.float32)
+
+
+def heads_format(path: str | Path) -> str | None:
+    """The format a heads file declares (None when it declares none); raises OSError if it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("format")
+    except SafetensorError as exc:
+        raise OSError(f"{path} is not a safetensors file ({exc})") from exc
+
+
+def feature_sizes(hidden_size: int) -> tuple[int, int]:
+    """-> (answer features, prompt features) lengths for a model of this hidden size."""
+    return 4 * hidden_size + len(UNCERTAINTY_FEATURES), 2 * hidden_size
+
+
+@dataclass
+class LinearHead:
+    """standardize -> Linear. x [N, F] -> [N, out]."""
+
+    mean: np.ndarray  # [F]
+    std: np.ndarray  # [F]
+    w: np.ndarray  # [F, out]
+    b: np.ndarray  # [out]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std @ self.w + self.b
+
+    @property
+    def in_dim(self) -> int:
+        return self.w.shape[0]
+
+    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.{k}": np.ascontiguousarray(v, np.float32) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray], prefix: str) -> "LinearHead":
+        return cls(**{k: t[f"{prefix}.{k}"] for k in ("mean", "std", "w", "b")})
+
+    @classmethod
+    def random(cls, in_dim: int, out: int, rng: np.random.Generator) -> "LinearHead":
+        return cls(mean=np.zeros(in_dim, np.float32), std=np.ones(in_dim, np.float32),
+                   w=(rng.standard_normal((in_dim, out)) / np.sqrt(in_dim)).astype(np.float32),
+                   b=np.zeros(out, np.float32))
 
 
 @dataclass
@@ -51,6 +106,10 @@ class MLPHead:
         h = (x - self.mean) / self.std @ self.w1 + self.b1
         h = 0.5 * h * (1.0 + np.tanh(0.7978845608 * (h + 0.044715 * h**3)))  # GELU, tanh form
         return h @ self.w2 + self.b2
+
+    @property
+    def in_dim(self) -> int:
+        return self.w1.shape[0]
 
     def tensors(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.{k}": np.ascontiguousarray(v, np.float32) for k, v in vars(self).items()}
@@ -77,8 +136,9 @@ def _sigmoid(x):
 
 @dataclass
 class GuardHeads:
-    answer: MLPHead  # -> [p_hallucination logit, 4 score logits]
-    premise: MLPHead  # -> [premise-false logit]
+    hallucination: MLPHead  # answer features -> [p_hallucination logit]
+    scores: LinearHead  # answer features -> [4 score logits]; score = 1 + 9 * sigmoid(logit)
+    premise: LinearHead  # prompt features -> [premise-false logit]
     answer_temperature: float = 1.0
     premise_temperature: float = 1.0
     trained: bool = False
@@ -86,28 +146,35 @@ class GuardHeads:
     info: dict | None = None
     """Free-form training record (data, metrics), kept in the file's metadata."""
 
+    def feature_sizes(self) -> tuple[int, int]:
+        """-> (answer features, prompt features) lengths these heads read."""
+        assert self.hallucination.in_dim == self.scores.in_dim, "both answer heads read the same features"
+        return self.hallucination.in_dim, self.premise.in_dim
+
     def score(self, gen: Generation) -> GuardScores:
-        a = self.answer(answer_features(gen)[None])[0]
-        p = self.premise(prompt_features(gen)[None])[0]
-        scores = 1.0 + 9.0 * _sigmoid(a[1:5])
+        a = answer_features(gen)[None]
+        h, s, p = self.hallucination(a)[0, 0], self.scores(a)[0], self.premise(prompt_features(gen)[None])[0, 0]
+        scores = 1.0 + 9.0 * _sigmoid(s)
         return GuardScores(
-            p_hallucination=float(_sigmoid(a[0] / self.answer_temperature)),
-            premise_risk=float(_sigmoid(p[0] / self.premise_temperature)),
+            p_hallucination=float(_sigmoid(h / self.answer_temperature)),
+            premise_risk=float(_sigmoid(p / self.premise_temperature)),
             heads_trained=self.trained,
-            **{name: float(s) for name, s in zip(SCORE_NAMES, scores)},
+            **{name: float(v) for name, v in zip(SCORE_NAMES, scores)},
         )
 
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
         meta = {
-            "format": "medhallguard-heads-v1",
+            "format": HEADS_FORMAT,
             "answer_temperature": repr(self.answer_temperature),
             "premise_temperature": repr(self.premise_temperature),
             "trained": "true" if self.trained else "false",
             "info": json.dumps(self.info or {}),
         }
-        save_file({**self.answer.tensors("answer"), **self.premise.tensors("premise")}, str(path), metadata=meta)
+        tensors = {**self.hallucination.tensors("hallucination"), **self.scores.tensors("scores"),
+                   **self.premise.tensors("premise")}
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "GuardHeads":
@@ -117,27 +184,38 @@ class GuardHeads:
             with safe_open(str(path), framework="np") as f:
                 meta = f.metadata() or {}
                 t = {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get("format") != "medhallguard-heads-v1":
-                raise ValueError(f"unknown format {meta.get('format')!r}")
+        except (OSError, SafetensorError) as exc:
+            raise ModelLoadError(f"guard heads at {path} cannot be read ({exc}); refit them with "
+                                 "`medhallguard build-default --heads-only` or `medhallguard init-model`") from exc
+        fmt = meta.get("format")
+        if fmt != HEADS_FORMAT:
+            raise ModelLoadError(
+                f"guard heads at {path} are format {fmt!r}, but this release reads {HEADS_FORMAT!r} "
+                "(v2 pools the question's hidden states; v1 weights mean nothing on those features). "
+                "Refit the heads on the model: `medhallguard build-default --heads-only --out BUILD_DIR` "
+                "for the default recipe, or write random ones with `medhallguard init-model`"
+            )
+        try:
             return cls(
-                answer=MLPHead.from_tensors(t, "answer"),
-                premise=MLPHead.from_tensors(t, "premise"),
+                hallucination=MLPHead.from_tensors(t, "hallucination"),
+                scores=LinearHead.from_tensors(t, "scores"),
+                premise=LinearHead.from_tensors(t, "premise"),
                 answer_temperature=float(meta["answer_temperature"]),
                 premise_temperature=float(meta["premise_temperature"]),
                 trained=meta["trained"] == "true",
                 info=json.loads(meta.get("info", "{}")),
             )
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise ModelLoadError(
-                f"guard heads at {path} cannot be loaded ({exc}); retrain them with `medhallguard train` "
-                "or write random ones with `medhallguard init-model`"
-            ) from exc
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"guard heads at {path} are incomplete ({exc!r} is missing or bad); refit them "
+                                 "with `medhallguard build-default --heads-only` or `medhallguard init-model`") from exc
 
     @classmethod
     def random(cls, hidden_size: int, seed: int = 0, width: int = 64) -> "GuardHeads":
         rng = np.random.default_rng(seed)
+        answer_dim, prompt_dim = feature_sizes(hidden_size)
         return cls(
-            answer=MLPHead.random(2 * hidden_size + len(UNCERTAINTY_FEATURES), width, 1 + len(SCORE_NAMES), rng),
-            premise=MLPHead.random(2 * hidden_size, width, 1, rng),
+            hallucination=MLPHead.random(answer_dim, width, 1, rng),
+            scores=LinearHead.random(answer_dim, len(SCORE_NAMES), rng),
+            premise=LinearHead.random(prompt_dim, 1, rng),
             trained=False,
         )

@@ -21,7 +21,7 @@ from guard import decode
 from guard.backends import Backend, load_backend
 from guard.batching import BatchingConfig, BatchScheduler
 from guard.errors import InvalidRequestError, ModelLoadError
-from guard.head import UNCERTAINTY_FEATURES, GuardHeads
+from guard.head import GuardHeads, feature_sizes
 from guard.manifest import MANIFEST_FILE, is_bundle
 from guard.policy import PolicyConfig, decide
 from guard.preprocess import ImageLimits, preprocess
@@ -161,18 +161,24 @@ class Guard:
         t = time.perf_counter()
         prompt_embeds = self._embed_prompt(ids, pixels)
         vision_ms = _ms_since(t)
-        gen = decode.generate(self.backend, prompt_embeds, self.spec.eos_token_ids, config, stop, on_token)
+        gen = decode.generate(self.backend, prompt_embeds, self.spec.eos_token_ids, config, stop, on_token,
+                              question_from=decode.question_start(ids, self.spec.image_token_id))
         gen.vision_ms = vision_ms
         return gen
 
     def _teacher_force(self, question: str, pixels: np.ndarray, answer_ids: list[int],
                        stop: StopSignal | None) -> Generation:
         t = time.perf_counter()
-        prompt_embeds = self._embed_prompt(self.prompter.encode_prompt(question), pixels)
+        prompt_embeds, question_from = self._prompt_embeds(question, pixels)
         vision_ms = _ms_since(t)
-        gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop)
+        gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop, question_from=question_from)
         gen.vision_ms = vision_ms
         return gen
+
+    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> tuple[np.ndarray, int]:
+        """-> (prompt embeddings [1,S,D] with the image spliced in, the question's first position)."""
+        ids = self.prompter.encode_prompt(question)
+        return self._embed_prompt(ids, pixels), decode.question_start(ids, self.spec.image_token_id)
 
     def _embed_prompt(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """ids [S] with image slots, pixels [1,3,H,W] -> prompt embeddings [1,S,D] with the image spliced in."""
@@ -272,7 +278,7 @@ def load_guard(path: str | Path, config: GuardConfig = GuardConfig(), bundle: bo
         )
     backend = load_backend(kind, path, device=b.device, dtype=b.dtype, threads=b.threads or None)
     heads = GuardHeads.load(heads_path)
-    if heads.answer.w1.shape[0] != 2 * backend.spec.hidden_size + len(UNCERTAINTY_FEATURES):
+    if heads.feature_sizes() != feature_sizes(backend.spec.hidden_size):
         raise ModelLoadError(f"{heads_path} was trained for another model (hidden size mismatch); retrain the heads")
     if not heads.trained:
         log.warning("guard heads at %s are untrained (random init): their scores mean nothing", heads_path)

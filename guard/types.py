@@ -65,8 +65,8 @@ class Generation:
     entropies: np.ndarray  # [T] float32, entropy of the distribution token_t was drawn from
     hidden_mid: np.ndarray  # [T, D] float32, a middle decoder layer
     hidden_last: np.ndarray  # [T, D] float32, the final (normed) decoder layer
-    prompt_hidden_mid: np.ndarray  # [D] at the last prompt position
-    prompt_hidden_last: np.ndarray  # [D] at the last prompt position
+    question_hidden_mid: np.ndarray  # [D] mean over the prompt positions after the image (question + turn end)
+    question_hidden_last: np.ndarray  # [D] the same, final layer
     stop_reason: str  # "eos" | "length"
     prefill_ms: float = 0.0
     decode_ms: float = 0.0

@@ -74,7 +74,8 @@ def _inputs(guard, i: int, question: str | None = None):
 
 def _unbatched(guard, ids, pixels, config: DecodeConfig, eos: tuple[int, ...] | None = None):
     embeds = guard._embed_prompt(ids, pixels[None])
-    return decode.generate(guard.backend, embeds, eos or guard.spec.eos_token_ids, config)
+    return decode.generate(guard.backend, embeds, eos or guard.spec.eos_token_ids, config,
+                           question_from=decode.question_start(ids, guard.spec.image_token_id))
 
 
 def _scheduler(guard, backend=None, eos: tuple[int, ...] | None = None, **batching) -> BatchScheduler:
@@ -108,7 +109,8 @@ def assert_same_generation(batched, alone) -> None:
     np.testing.assert_allclose(batched.entropies, alone.entropies, atol=1e-4)
     np.testing.assert_allclose(batched.hidden_mid, alone.hidden_mid, atol=1e-4)
     np.testing.assert_allclose(batched.hidden_last, alone.hidden_last, atol=1e-4)
-    np.testing.assert_allclose(batched.prompt_hidden_last, alone.prompt_hidden_last, atol=1e-4)
+    np.testing.assert_allclose(batched.question_hidden_mid, alone.question_hidden_mid, atol=1e-4)
+    np.testing.assert_allclose(batched.question_hidden_last, alone.question_hidden_last, atol=1e-4)
 
 
 def _check_batched_equals_unbatched(guard, configs, eos: tuple[int, ...] | None = None) -> SpyBackend:

@@ -43,9 +43,8 @@ def test_greedy_decoding_matches_transformers_generate(guards, family):
     g = guards[family]
     pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
     ids = g.prompter.encode_prompt("Describe the image.")
-    ours = decode.generate(
-        g.backend, g._embed_prompt(ids, pixels), (), DecodeConfig(max_new_tokens=8)
-    ).token_ids
+    embeds, start = g._prompt_embeds("Describe the image.", pixels)
+    ours = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=8), question_from=start).token_ids
     pv = torch.from_numpy(pixels)
     extra = {"pixel_values": pv[:, None]} if family == "smolvlm" else {"pixel_values": pv}
     ref = g.backend.model.generate(
@@ -59,9 +58,11 @@ def test_greedy_decoding_matches_transformers_generate(guards, family):
 def test_teacher_forcing_gives_the_features_of_generation(guards, family):
     g = guards[family]
     pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
-    embeds = g._embed_prompt(g.prompter.encode_prompt("What organ is shown?"), pixels)
-    gen = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=6, temperature=1.0, seed=1))
-    tf = decode.teacher_force(g.backend, embeds, gen.token_ids)
+    embeds, start = g._prompt_embeds("What organ is shown?", pixels)
+    gen = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=6, temperature=1.0, seed=1),
+                          question_from=start)
+    tf = decode.teacher_force(g.backend, embeds, gen.token_ids, question_from=start)
+    np.testing.assert_allclose(tf.question_hidden_last, gen.question_hidden_last, atol=1e-4)
     np.testing.assert_allclose(tf.logprobs, gen.logprobs, atol=1e-4)
     np.testing.assert_allclose(tf.hidden_last, gen.hidden_last, atol=1e-4)
     np.testing.assert_allclose(tf.hidden_mid, gen.hidden_mid, atol=1e-4)
@@ -156,3 +157,21 @@ def test_streamed_deltas_hold_back_partial_utf8_and_flush_at_the_end(guards):
     s.flush(g.prompter.decode(ids))
     assert "".join(deltas) == g.prompter.decode(ids)
     assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_question_features_are_the_mean_over_the_question_positions(guards, family):
+    """Ask and Score pool the prefill's hidden states over every position after the image slots."""
+    g = guards[family]
+    question = "Is there a nodule in the left lung?"
+    pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
+    ids = g.prompter.encode_prompt(question)
+    start = decode.question_start(ids, g.spec.image_token_id)
+    assert ids[start - 1] == g.spec.image_token_id and g.spec.image_token_id not in ids[start:]
+    out, _ = g.backend.forward(g._embed_prompt(ids, pixels), np.ones((1, len(ids)), np.int64),
+                               np.arange(len(ids))[None], g.backend.new_cache(1))
+    generated = g._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)
+    scored = g._teacher_force(question, pixels, [5, 6, g.spec.eos_token_ids[0]], None)
+    for gen in (generated, scored):
+        np.testing.assert_allclose(gen.question_hidden_mid, out.hidden_mid[0, start:].mean(0), atol=1e-5)
+        np.testing.assert_allclose(gen.question_hidden_last, out.hidden_last[0, start:].mean(0), atol=1e-5)

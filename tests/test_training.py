@@ -134,3 +134,30 @@ def test_the_same_command_trains_data_parallel_under_accelerate_launch(nano_mode
     record = json.loads((out / "train_record.json").read_text())
     assert record["run"]["num_processes"] == 2 and record["run"]["distributed"] == "MULTI_CPU:gloo"
     load_guard(out)  # the result serves
+
+
+def test_the_premise_loss_reads_only_the_question_positions_and_reaches_the_weights(nano_models, phantom, tmp_path):
+    import torch
+
+    from training.train import premise_loss
+
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 6, 4) for _ in range(3)]
+    question = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.float32)
+    probe = torch.nn.Linear(8, 1)
+    negative = torch.tensor([1.0, 0.0])
+    base = premise_loss(hidden, 1, question, negative, probe)
+    outside = [h.clone() for h in hidden]
+    for h in outside:
+        h[question == 0] += 5.0
+    assert torch.allclose(premise_loss(outside, 1, question, negative, probe), base)
+    inside = [h.clone() for h in hidden]
+    inside[-1][0, 2] += 5.0
+    assert not torch.allclose(premise_loss(inside, 1, question, negative, probe), base)
+    # The same seeded run with and without the loss ends with different weights: the loss is trained on.
+    plain = train(_cfg(nano_models["smolvlm"], tmp_path / "plain", phantom, mode="full", steps=2))
+    aux = train(_cfg(nano_models["smolvlm"], tmp_path / "aux", phantom, mode="full", steps=2, premise_loss_weight=5.0))
+    from safetensors.numpy import load_file
+
+    a, b = load_file(plain / "model.safetensors"), load_file(aux / "model.safetensors")
+    assert any(not np.array_equal(a[k], b[k]) for k in a if "text_model" in k or "language_model" in k)

@@ -5,7 +5,8 @@ the heads needs them for thousands of answers. This module computes the same
 features in batches, with the same split of the model (embed, splice image
 features, text model, LM head) as `guard.backends.torch_backend`, and returns
 `guard.types.Generation` objects, so `guard.head.answer_features` and
-`prompt_features` apply unchanged. A test checks that both paths agree.
+`prompt_features` apply unchanged (the question means included). A test checks
+that both paths agree.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard.decode import token_stats
+from guard.decode import question_means, question_start, token_stats
 from guard.families import family_for
 from guard.types import Generation
 
@@ -103,14 +104,16 @@ def teacher_force_batch(tm: TorchModel, prompts: list[list[int]], answers: list[
     for row, (p, a) in enumerate(zip(prompts, answers)):
         rows = slice(len(p) - 1, len(p) - 1 + len(a))  # positions whose logits predict the answer tokens
         logprobs, entropies = token_stats(logits[row, rows], np.array(a))
+        q_mid, q_last = question_means(mid[row, : len(p)], last[row, : len(p)],
+                                       question_start(np.array(p), tm.spec.image_token_id))
         gens.append(Generation(
             token_ids=list(a),
             logprobs=logprobs,
             entropies=entropies,
             hidden_mid=mid[row, rows],
             hidden_last=last[row, rows],
-            prompt_hidden_mid=mid[row, len(p) - 1],
-            prompt_hidden_last=last[row, len(p) - 1],
+            question_hidden_mid=q_mid,
+            question_hidden_last=q_last,
             stop_reason="teacher_forced",
         ))
     return gens

@@ -1,13 +1,15 @@
 """Fit the guard heads on features from the tuned model's own hidden states.
 
-The answer head has five outputs with masked losses, because each source
-labels only some of them: PhantomVQA generations carry exact hallucination
-labels (BCE on output 0), and scored LLaVA-Med answers carry GPT-4o's four
-scores (MSE on sigmoid of outputs 1-4, scaled to 1-10 like `guard.head`). The
-premise head is a binary classifier of negative vs positive questions on the
-prompt's hidden state. Both are small torch MLPs during fitting, then saved as
-the numpy `guard.head.MLPHead` the runtime runs. Temperatures are fitted on a
-held-out calibration fold.
+Each source labels only some targets: PhantomVQA generations carry exact
+hallucination labels, scored LLaVA-Med answers carry GPT-4o's four scores, and
+every question carries its polarity.
+- hallucination: a small torch MLP (BCE), saved as the numpy `guard.head.MLPHead`;
+- scores: ridge regression on the score logits (1-10 mapped through logit((s-1)/9),
+  as `guard.head` decodes them), its alpha picked by cross-validation grouped by image;
+- premise: L2 logistic regression on the question's mean hidden states, its C
+  picked the same way. Linear heads, because on ~1k MedHallTune rows the MLPs
+  overfit: measured on the default model, these beat them on held-out images.
+Temperatures are fitted on a held-out calibration fold (also split by image).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.head import MLPHead
+from guard.head import LinearHead, MLPHead
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,67 @@ def fit_mlp(x: np.ndarray, targets: np.ndarray, kinds: tuple[str, ...], cfg: Hea
                    w2=w2.weight.detach().numpy().T.copy(), b2=w2.bias.detach().numpy().copy())
 
 
+RIDGE_ALPHAS = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
+LOGISTIC_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
+
+
+def _cv_pick(make, grid, x, y, groups, score, folds: int = 5):
+    """The grid value whose model scores best (mean over GroupKFold folds); -> (value, its CV score).
+
+    With fewer than two groups there is nothing to cross-validate: the middle of the grid, score NaN."""
+    from sklearn.model_selection import GroupKFold
+
+    folds = min(folds, len(set(groups.tolist())))
+    if folds < 2:
+        return grid[len(grid) // 2], float("nan")
+    splits = list(GroupKFold(n_splits=folds).split(x, y, groups))
+    results = []
+    for v in grid:
+        vals = [score(y[te], make(v).fit(x[tr], y[tr]), x[te]) for tr, te in splits]
+        results.append((float(np.nanmean(vals)), v))
+    best_score, best = max(results, key=lambda r: r[0])
+    return best, best_score
+
+
+def fit_ridge_scores(x: np.ndarray, scores: np.ndarray, groups, alphas=RIDGE_ALPHAS) -> tuple[LinearHead, dict]:
+    """x [N, F], scores [N, 4] (1-10) -> a LinearHead giving score logits, and the alpha picked."""
+    from sklearn.linear_model import Ridge
+
+    from training.metrics import spearman
+
+    mean, std = _standardizer(x)
+    z = (x - mean) / std
+    p = np.clip((scores - 1.0) / 9.0, 0.02, 0.98)
+    t = np.log(p / (1 - p))  # the logits guard.head decodes with 1 + 9 * sigmoid
+    cv = lambda y, m, xt: np.nanmean([spearman(m.predict(xt)[:, k], y[:, k]) for k in range(y.shape[1])])  # noqa: E731
+    alpha, cv_score = _cv_pick(lambda a: Ridge(alpha=a), alphas, z, t, np.asarray(groups), cv)
+    reg = Ridge(alpha=alpha).fit(z, t)
+    head = LinearHead(mean=mean, std=std, w=reg.coef_.T.astype(np.float32).copy(), b=reg.intercept_.astype(np.float32))
+    return head, {"scores_ridge_alpha": alpha, "scores_cv_mean_spearman": safe(cv_score)}
+
+
+def fit_logistic(x: np.ndarray, labels: np.ndarray, groups, cs=LOGISTIC_CS) -> tuple[LinearHead, dict]:
+    """x [N, F], labels [N] (0/1) -> a LinearHead giving the logit, and the C picked."""
+    from sklearn.linear_model import LogisticRegression
+
+    from training.metrics import auroc
+
+    mean, std = _standardizer(x)
+    z = (x - mean) / std
+    y = np.asarray(labels).astype(int)
+    cv = lambda yt, m, xt: auroc(yt, m.decision_function(xt))  # noqa: E731
+    make = lambda c: LogisticRegression(C=c, max_iter=5000)  # noqa: E731
+    c, cv_score = _cv_pick(make, cs, z, y, np.asarray(groups), cv)
+    clf = make(c).fit(z, y)
+    head = LinearHead(mean=mean, std=std, w=clf.coef_.T.astype(np.float32).copy(),
+                      b=clf.intercept_.astype(np.float32))
+    return head, {"premise_logistic_c": c, "premise_cv_auroc": safe(cv_score)}
+
+
 def group_folds(groups: list[str], fraction: float, seed: int = 0) -> np.ndarray:
     """True for rows whose group (image) hashes into the held-out `fraction`; stable across runs."""
     import hashlib
@@ -93,9 +156,6 @@ def safe(v: float) -> float | None:
 
 
 # --- collecting features and fitting both heads -----------------------------
-
-ANSWER_KINDS = ("bce", "score", "score", "score", "score")
-
 
 @dataclass
 class FeatureRows:
@@ -137,28 +197,38 @@ def fit_heads(rows: FeatureRows, cfg: HeadFitConfig = HeadFitConfig(), calib_fra
 
     ax, ay = np.stack(rows.answer_x), np.array(rows.answer_y, float)
     px, py = np.stack(rows.premise_x), np.array(rows.premise_y, float)
+    a_group, p_group = np.array(rows.answer_group), np.array(rows.premise_group)
     a_cal, p_cal = group_folds(rows.answer_group, calib_fraction, cfg.seed), group_folds(rows.premise_group, calib_fraction, cfg.seed)
-    answer = fit_mlp(ax[~a_cal], ay[~a_cal], ANSWER_KINDS, cfg)
-    premise = fit_mlp(px[~p_cal], py[~p_cal, None], ("bce",), cfg)
+    hall, scored = ~np.isnan(ay[:, 0]), ~np.isnan(ay[:, 1])
+    fit_h, fit_s = hall & ~a_cal, scored & ~a_cal
+    hallucination = fit_mlp(ax[fit_h], ay[fit_h, :1], ("bce",), cfg)
+    if fit_s.sum() >= 2:
+        scores, s_info = fit_ridge_scores(ax[fit_s], ay[fit_s, 1:], a_group[fit_s])
+    else:  # no scored answers: every score is the scale's middle, and the record says why
+        mean, std = _standardizer(ax)
+        scores = LinearHead(mean=mean, std=std, w=np.zeros((ax.shape[1], len(SCORE_NAMES)), np.float32),
+                            b=np.zeros(len(SCORE_NAMES), np.float32))
+        s_info = {"scores_ridge_alpha": None, "note": "no scored answers: the score head outputs 5.5"}
+    premise, p_info = fit_logistic(px[~p_cal], py[~p_cal], p_group[~p_cal])
 
-    z_a, z_p = answer(ax[a_cal]), premise(px[p_cal])[:, 0]
-    hall = ~np.isnan(ay[a_cal, 0])
-    t_a = fit_temperature(z_a[hall, 0], ay[a_cal][hall, 0]) if hall.any() else 1.0
+    cal_h, cal_s = hall & a_cal, scored & a_cal
+    z_h, z_p = hallucination(ax[cal_h])[:, 0], premise(px[p_cal])[:, 0]
+    t_a = fit_temperature(z_h, ay[cal_h, 0]) if cal_h.any() else 1.0
     t_p = fit_temperature(z_p, py[p_cal])
-    p_hall = sigmoid(z_a[hall, 0] / t_a)
+    p_hall = sigmoid(z_h / t_a)
     metrics = {
         "answer_rows": int(len(ax)), "premise_rows": int(len(px)), "calib_fraction": calib_fraction,
-        "p_hallucination_auroc": safe(auroc(ay[a_cal][hall, 0], p_hall)),
-        "p_hallucination_ece": safe(ece(ay[a_cal][hall, 0], p_hall)) if hall.any() else None,
+        "p_hallucination_auroc": safe(auroc(ay[cal_h, 0], p_hall)),
+        "p_hallucination_ece": safe(ece(ay[cal_h, 0], p_hall)) if cal_h.any() else None,
         "premise_auroc": safe(auroc(py[p_cal], sigmoid(z_p / t_p))),
         "premise_ece": safe(ece(py[p_cal], sigmoid(z_p / t_p))),
-        "answer_temperature": round(t_a, 4), "premise_temperature": round(t_p, 4),
+        "answer_temperature": round(t_a, 4), "premise_temperature": round(t_p, 4), **s_info, **p_info,
     }
-    scored = ~np.isnan(ay[a_cal, 1])
-    for k, name in enumerate(SCORE_NAMES, start=1):
-        metrics[f"{name}_spearman"] = safe(spearman(1 + 9 * sigmoid(z_a[scored, k]), ay[a_cal][scored, k]))
-    heads = GuardHeads(answer=answer, premise=premise, answer_temperature=t_a, premise_temperature=t_p,
-                       trained=True, info={"calibration": metrics})
+    z_s = scores(ax[cal_s])
+    for k, name in enumerate(SCORE_NAMES):
+        metrics[f"{name}_spearman"] = safe(spearman(1 + 9 * sigmoid(z_s[:, k]), ay[cal_s, 1 + k]))
+    heads = GuardHeads(hallucination=hallucination, scores=scores, premise=premise, answer_temperature=t_a,
+                       premise_temperature=t_p, trained=True, info={"calibration": metrics})
     return heads, metrics
 
 
@@ -193,12 +263,14 @@ def collect_features(tuned_dir: Path, labelled, scored, answer_models: list[Path
     for start in range(0, len(labelled), batch_size):
         batch = labelled[start : start + batch_size]
         prompts, pixels = encode(batch)
-        for model in models:
+        for i, model in enumerate(models):
             answers = generate_batch(model, prompts, pixels, max_new_tokens)
             labels = [judge(prompter.decode(a), qa_of(e)).hallucinated for e, a in zip(batch, answers)]
             n_hall += sum(labels)
-            rows.add(teacher_force_batch(tuned, prompts, answers, pixels), hall=labels,
-                     premise=[e.polarity == "negative" for e in batch], groups=[e.image for e in batch])
+            # one premise row per question: every model's answer shares the same prompt features
+            premise = [e.polarity == "negative" for e in batch] if i == 0 else None
+            rows.add(teacher_force_batch(tuned, prompts, answers, pixels), hall=labels, premise=premise,
+                     groups=[e.image for e in batch])
     log(f"p(hallucination) rows: {len(labelled) * len(models)}, of which hallucinated: {n_hall}")
     for start in range(0, len(scored), batch_size):
         batch = scored[start : start + batch_size]

@@ -22,6 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
+from guard.decode import question_start
 from guard.families import family_for
 from guard.head import GuardHeads
 from guard.preprocess import preprocess
@@ -78,6 +81,13 @@ class TrainConfig:
     """Train rows whose image file is missing on a blank image (and say so in the record)."""
     positive_only: bool = False
     """Drop hallucination-inducing (negative) questions: the "before tuning" baseline recipe."""
+    question_lm: bool = False
+    """Also train next-token prediction on the question's tokens (not only the answer's), so the
+    question's hidden states, which the premise head reads, learn the question's own wording."""
+    premise_loss_weight: float = 0.0
+    """Weight of an auxiliary loss: a linear probe on the question's mean hidden states (the premise
+    head's features) predicts whether the question is negative. It teaches the model to represent a
+    false premise where the guard reads it; the probe itself is discarded (the heads are refit later)."""
     merge: bool = True
     """LoRA: merge adapters into the weights so the output serves as is; otherwise save the adapter only."""
     checkpoint_every: int = 100
@@ -97,6 +107,8 @@ class TrainConfig:
             raise ValueError("`data` is empty: give at least one MedHallTune-format file")
         if self.warmup_steps < 0:
             raise ValueError("`warmup_steps` must be >= 0")
+        if self.premise_loss_weight < 0:
+            raise ValueError("`premise_loss_weight` must be >= 0")
 
 
 # --- data -------------------------------------------------------------------
@@ -126,8 +138,10 @@ def _default_image_dir(path: Path) -> Path:
 class EncodedExamples:
     """VqaExample -> (input_ids, labels, pixels): the prompt exactly as the runtime builds it."""
 
-    def __init__(self, examples: list[VqaExample], prompter: Prompter, max_answer_tokens: int):
+    def __init__(self, examples: list[VqaExample], prompter: Prompter, max_answer_tokens: int,
+                 question_lm: bool = False):
         self.examples, self.prompter, self.max_answer_tokens = examples, prompter, max_answer_tokens
+        self.question_lm = question_lm
         self._pixels: dict[str, object] = {}
 
     def __len__(self) -> int:
@@ -138,7 +152,11 @@ class EncodedExamples:
         prompt = self.prompter.encode_prompt(ex.question).tolist()
         eos = self.prompter.spec.eos_token_ids[0]
         answer = self.prompter.encode_answer(ex.answer)[: self.max_answer_tokens] + [eos]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "pixels": self.pixels(ex)}
+        start = question_start(np.array(prompt), self.prompter.spec.image_token_id)
+        targets = [-100] * start + prompt[start:] if self.question_lm else [-100] * len(prompt)
+        return {"input_ids": prompt + answer, "labels": targets + answer, "pixels": self.pixels(ex),
+                "question": (start, len(prompt)),
+                "negative": float(ex.polarity == "negative")}
 
     def pixels(self, ex: VqaExample):
         key = str(ex.image_path) if ex.image_path else "<blank>"
@@ -153,21 +171,34 @@ def image_pixels(ex: VqaExample, preprocess_config):
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest sequence. -> input_ids/labels/attention_mask [B, S], pixels [B, 3, H, W]."""
-    import numpy as np
+    """Right-pad to the longest sequence. -> input_ids/labels/attention_mask/question_mask [B, S],
+    pixels [B, 3, H, W], negative [B] (1.0 for a negative question)."""
     import torch
 
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    question = torch.zeros((len(batch), width), dtype=torch.float32)
     for row, b in enumerate(batch):
         n = len(b["input_ids"])
         ids[row, :n] = torch.tensor(b["input_ids"])
         labels[row, :n] = torch.tensor(b["labels"])
         mask[row, :n] = 1
+        question[row, b["question"][0] : b["question"][1]] = 1.0
     pixels = torch.from_numpy(np.stack([b["pixels"] for b in batch]))
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixels": pixels}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixels": pixels, "question_mask": question,
+            "negative": torch.tensor([b["negative"] for b in batch])}
+
+
+def premise_loss(hidden_states, mid_layer: int, question_mask, negative, probe):
+    """BCE of a linear probe on the question's mean hidden states [mid, last], as guard.head pools them."""
+    import torch
+
+    w = question_mask / question_mask.sum(1, keepdim=True)  # [B, S]
+    pooled = torch.cat([torch.einsum("bs,bsd->bd", w, hidden_states[mid_layer]),
+                        torch.einsum("bs,bsd->bd", w, hidden_states[-1])], dim=-1)
+    return torch.nn.functional.binary_cross_entropy_with_logits(probe(pooled)[:, 0], negative)
 
 
 # --- the loop ---------------------------------------------------------------
@@ -197,15 +228,16 @@ def train(cfg: TrainConfig) -> Path:
         acc.print(note)
     examples = mix(parts, cfg.steps * cfg.batch_size * acc.num_processes, seed=cfg.seed)
     pad_id = spec.eos_token_ids[0]  # padded positions are masked out of attention and loss
-    loader = DataLoader(EncodedExamples(examples, prompter, cfg.max_answer_tokens), batch_size=cfg.batch_size,
+    loader = DataLoader(EncodedExamples(examples, prompter, cfg.max_answer_tokens, cfg.question_lm), batch_size=cfg.batch_size,
                         shuffle=False, collate_fn=lambda b: collate(b, pad_id))
 
     # 2) Model, optimizer, schedule.
     model = _trainable(load_model(cfg.model), cfg, family)
+    probe = torch.nn.Linear(2 * spec.hidden_size, 1)  # the auxiliary premise probe; discarded after training
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params + list(probe.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps // 2), cfg.steps)
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    model, probe, opt, loader, sched = acc.prepare(model, probe, opt, loader, sched)
 
     # 3) Resume where an interrupted run stopped.
     step = _resume(acc, out)
@@ -217,8 +249,13 @@ def train(cfg: TrainConfig) -> Path:
     try:
         for batch in batches:
             t = time.perf_counter()
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], **family.pixel_kwargs(batch["pixels"])).loss
+            aux = cfg.premise_loss_weight > 0
+            result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                           output_hidden_states=aux, **family.pixel_kwargs(batch["pixels"]))
+            loss = result.loss
+            if aux:
+                loss = loss + cfg.premise_loss_weight * premise_loss(
+                    result.hidden_states, spec.mid_layer, batch["question_mask"], batch["negative"], probe)
             acc.backward(loss)
             acc.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -366,6 +403,11 @@ def _add_arguments(p) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--no-merge", action="store_true", help="LoRA: save the adapter only (not servable as is)")
     p.add_argument("--positive-only", action="store_true", help="drop negative questions (the baseline recipe)")
+    p.add_argument("--question-lm", action="store_true",
+                   help="also train next-token prediction on the question's tokens (the premise head reads their states)")
+    p.add_argument("--premise-loss-weight", type=float, default=0.0,
+                   help="weight of the auxiliary premise loss: a probe on the question's mean hidden states "
+                        "predicts negative questions (default 0: off)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-id", help="id written to medhallguard.json (default: the output folder's name)")
@@ -386,7 +428,8 @@ def config_from_args(args) -> TrainConfig:
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
                        positive_only=args.positive_only, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                       model_id=args.model_id)
+                       model_id=args.model_id, premise_loss_weight=args.premise_loss_weight,
+                       question_lm=args.question_lm)
 
 
 def _run(args) -> int:
