@@ -39,7 +39,7 @@ class DefaultRecipe:
     """PhantomVQA images (about six questions each); 20% are held out."""
     questions_per_image: int = 6
     image_size: int = 64
-    steps: int = 1400
+    steps: int = 1200
     """Optimizer steps for each of the tuned and baseline models."""
     batch_size: int = 32
     lr: float = 2e-3
