@@ -20,7 +20,7 @@ backend shares them and they cost microseconds.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +61,19 @@ def feature_sizes(hidden_size: int) -> tuple[int, int]:
     return 4 * hidden_size + len(UNCERTAINTY_FEATURES), 2 * hidden_size
 
 
+class _SavedAsTensors:
+    """tensors()/from_tensors(): a head's fields as named float32 arrays in a safetensors file."""
+
+    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.{k}": np.ascontiguousarray(v, np.float32) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray], prefix: str):
+        return cls(**{f.name: t[f"{prefix}.{f.name}"] for f in fields(cls)})
+
+
 @dataclass
-class LinearHead:
+class LinearHead(_SavedAsTensors):
     """standardize -> Linear. x [N, F] -> [N, out]."""
 
     mean: np.ndarray  # [F]
@@ -77,13 +88,6 @@ class LinearHead:
     def in_dim(self) -> int:
         return self.w.shape[0]
 
-    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": np.ascontiguousarray(v, np.float32) for k, v in vars(self).items()}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, np.ndarray], prefix: str) -> "LinearHead":
-        return cls(**{k: t[f"{prefix}.{k}"] for k in ("mean", "std", "w", "b")})
-
     @classmethod
     def random(cls, in_dim: int, out: int, rng: np.random.Generator) -> "LinearHead":
         return cls(mean=np.zeros(in_dim, np.float32), std=np.ones(in_dim, np.float32),
@@ -92,7 +96,7 @@ class LinearHead:
 
 
 @dataclass
-class MLPHead:
+class MLPHead(_SavedAsTensors):
     """standardize -> Linear -> GELU -> Linear. x [N, F] -> [N, out]."""
 
     mean: np.ndarray  # [F]
@@ -110,13 +114,6 @@ class MLPHead:
     @property
     def in_dim(self) -> int:
         return self.w1.shape[0]
-
-    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": np.ascontiguousarray(v, np.float32) for k, v in vars(self).items()}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, np.ndarray], prefix: str) -> "MLPHead":
-        return cls(**{k: t[f"{prefix}.{k}"] for k in ("mean", "std", "w1", "b1", "w2", "b2")})
 
     @classmethod
     def random(cls, in_dim: int, hidden: int, out: int, rng: np.random.Generator) -> "MLPHead":
