@@ -186,25 +186,26 @@ def export_graphs(model, spec: ModelSpec, out: Path, exporter: str, log=_log, de
                    {"image_features": {0: "num_images", 1: spec.num_image_tokens}}),  # an int: a static dim
         "embed": (EmbedWrapper(model), (torch.zeros(b, s, dtype=torch.long),),
                   {"input_ids": seq}, {"inputs_embeds": seq}),
-        "decoder": (DecoderWrapper(model, spec.mid_layer),
-                    (torch.randn(b, s, d), torch.ones(b, p + s, dtype=torch.long),
-                     torch.arange(p, p + s).repeat(b, 1), *(torch.randn(b, kv_heads, p, head_dim) for _ in past)),
-                    {"inputs_embeds": seq, "attention_mask": {0: "batch", 1: "total_sequence"}, "position_ids": seq,
-                     **{name: {0: "batch", 2: "past_sequence"} for name in past}},
-                    {"logits": seq, "hidden_mid": seq, "hidden_last": seq,
-                     **{name: {0: "batch", 2: "total_sequence"} for name in present}}),
     }
-    if decoder == "fused":
-        why = decoder_graph.supports(model)
-        if why is None:
-            del graphs["decoder"]
-            t = time.perf_counter()
-            nodes = decoder_graph.build_decoder(model, spec.mid_layer, out / GRAPH_FILES["decoder"], OPSET)
-            log(f"{GRAPH_FILES['decoder']}: written with onnxruntime's fused operators ({nodes} nodes) "
-                f"in {time.perf_counter() - t:.1f} s")
-        else:
-            decoder = "traced"
+    why = decoder_graph.supports(model) if decoder == "fused" else "--decoder traced"
+    if why is None:
+        t = time.perf_counter()
+        nodes = decoder_graph.build_decoder(model, spec.mid_layer, out / GRAPH_FILES["decoder"], OPSET)
+        log(f"{GRAPH_FILES['decoder']}: written with onnxruntime's fused operators ({nodes} nodes) "
+            f"in {time.perf_counter() - t:.1f} s")
+    else:
+        if decoder == "fused":
             log(f"{GRAPH_FILES['decoder']}: traced, not fused: {why}")
+        decoder = "traced"
+        graphs["decoder"] = (
+            DecoderWrapper(model, spec.mid_layer),
+            (torch.randn(b, s, d), torch.ones(b, p + s, dtype=torch.long), torch.arange(p, p + s).repeat(b, 1),
+             *(torch.randn(b, kv_heads, p, head_dim) for _ in past)),
+            {"inputs_embeds": seq, "attention_mask": {0: "batch", 1: "total_sequence"}, "position_ids": seq,
+             **{name: {0: "batch", 2: "past_sequence"} for name in past}},
+            {"logits": seq, "hidden_mid": seq, "hidden_last": seq,
+             **{name: {0: "batch", 2: "total_sequence"} for name in present}},
+        )
     for role, (module, args, in_dims, out_dims) in graphs.items():
         t = time.perf_counter()
         _trace(module.eval(), args, out / GRAPH_FILES[role], in_dims, out_dims, exporter)
