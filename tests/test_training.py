@@ -161,3 +161,52 @@ def test_the_premise_loss_reads_only_the_question_positions_and_reaches_the_weig
 
     a, b = load_file(plain / "model.safetensors"), load_file(aux / "model.safetensors")
     assert any(not np.array_equal(a[k], b[k]) for k in a if "text_model" in k or "language_model" in k)
+
+
+def test_freeze_vision_keeps_the_tower_fixed_while_the_connector_and_text_model_train(nano_models, phantom, tmp_path):
+    before = _weights(nano_models["smolvlm"])
+    out = train(_cfg(nano_models["smolvlm"], tmp_path / "frozen", phantom, freeze_vision=True, checkpoint_every=0))
+    after = _weights(out)
+    tower = [k for k in before if ".vision_model." in k]
+    assert tower and all(np.array_equal(before[k], after[k]) for k in tower)
+    moved = [k for k in before if k not in tower and not np.array_equal(before[k], after[k])]
+    assert any(".connector." in k for k in moved) and any(".text_model." in k for k in moved)
+
+
+def test_vision_pretraining_changes_only_the_tower_and_connector_and_reports_held_out_probes(nano_models, phantom,
+                                                                                            tmp_path):
+    from training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    model = tmp_path / "model"
+    shutil.copytree(nano_models["smolvlm"], model)
+    before = _weights(model)
+    record = pretrain_vision(model, phantom, VisionPretrainConfig(steps=3, batch_size=4, show_progress=False),
+                             log=lambda *_: None)
+    after = _weights(model)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(".vision_model." in k or ".connector." in k for k in changed)
+    assert any(".vision_model." in k for k in changed) and any(".connector." in k for k in changed)
+    probe = record["heldout_probe"]
+    assert probe["images"] == sum(1 for r in json.loads((phantom / "cases.json").read_text())["cases"]
+                                  if r["split"] != "train")
+    assert set(probe["presence"]) == set(probe["presence_base_rate"])
+    load_guard(model)  # still a servable model directory
+
+
+def test_patch_targets_mark_exactly_the_patches_a_finding_is_drawn_in():
+    from training.phantom import FINDING_KINDS, Case, finding_masks, generate
+    from training.vision_pretrain import image_targets, patch_targets
+
+    case = next(c for c in generate(60, seed=3) if len(c.findings) == 2)
+    grid = 16
+    targets = patch_targets(case, 64, grid)
+    for f, mask in zip(case.findings, finding_masks(case, 64)):
+        k = FINDING_KINDS.index(f.kind)
+        cells = mask.reshape(grid, 4, grid, 4).any((1, 3)).reshape(-1)
+        assert cells.any() and np.array_equal(targets[:, k] > 0, cells)
+    absent = [k for k, kind in enumerate(FINDING_KINDS) if case.finding(kind) is None]
+    assert not targets[:, absent].any()
+    t = image_targets(case)
+    assert t["present"].sum() == 2 and (t["side"] >= 0).sum() == 2 and np.isnan(t["size"]).sum() == len(FINDING_KINDS) - 2
+    normal = Case("normal", "chest X-ray", (), 1, 5.0)
+    assert not patch_targets(normal, 64, grid).any() and image_targets(normal)["present"].sum() == 0

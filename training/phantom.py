@@ -880,6 +880,17 @@ def write_dataset(out_dir, n_images: int, seed: int, size: int = 64, splits: dic
     return {name: len(rows) for name, rows in records.items()}
 
 
+def read_cases(path) -> list[tuple[Case, str, str]]:
+    """A dataset's cases.json (from `write_dataset`) -> (case, split, image file name) per image."""
+    meta = json.loads(Path(path).read_text())
+    out = []
+    for c in meta["cases"]:
+        findings = tuple(Finding(**{**f, "centers_mm": tuple(map(tuple, f["centers_mm"]))}) for f in c["findings"])
+        case = Case(c["case_id"], c["modality"], findings, c["seed"], c["pixel_spacing_mm"], c["slice_level"])
+        out.append((case, c["split"], c["image"]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.phantom", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)

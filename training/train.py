@@ -88,6 +88,9 @@ class TrainConfig:
     """Weight of an auxiliary loss: a linear probe on the question's mean hidden states (the premise
     head's features) predicts whether the question is negative. It teaches the model to represent a
     false premise where the guard reads it; the probe itself is discarded (the heads are refit later)."""
+    freeze_vision: bool = False
+    """Keep the vision tower's weights fixed (full mode: the connector and text model still train), e.g.
+    after `training.vision_pretrain`; LoRA never touches the tower."""
     merge: bool = True
     """LoRA: merge adapters into the weights so the output serves as is; otherwise save the adapter only."""
     checkpoint_every: int = 100
@@ -297,6 +300,9 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _trainable(model, cfg: TrainConfig, family):
+    if cfg.freeze_vision:
+        for p in family.vision_tower(model).parameters():
+            p.requires_grad_(False)
     if cfg.mode == "full":
         return model
     from peft import LoraConfig, get_peft_model
@@ -402,6 +408,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--no-merge", action="store_true", help="LoRA: save the adapter only (not servable as is)")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="keep the vision tower fixed (e.g. a pretrained one); the connector and text model train")
     p.add_argument("--positive-only", action="store_true", help="drop negative questions (the baseline recipe)")
     p.add_argument("--question-lm", action="store_true",
                    help="also train next-token prediction on the question's tokens (the premise head reads their states)")
@@ -427,7 +435,7 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(model=args.model, out=args.out, data=tuple(sources), mode=args.mode, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
-                       positive_only=args.positive_only, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                       positive_only=args.positive_only, freeze_vision=args.freeze_vision, checkpoint_every=args.checkpoint_every, seed=args.seed,
                        model_id=args.model_id, premise_loss_weight=args.premise_loss_weight,
                        question_lm=args.question_lm)
 

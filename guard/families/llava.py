@@ -49,6 +49,10 @@ def text_model(model):
     return model.model.language_model
 
 
+def vision_tower(model):
+    return model.model.vision_tower
+
+
 def pixel_kwargs(pixel_values) -> dict:
     """Model-forward keyword for a batch of single images [B, 3, H, W]."""
     return {"pixel_values": pixel_values}

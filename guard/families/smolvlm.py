@@ -42,6 +42,10 @@ def text_model(model):
     return model.model.text_model
 
 
+def vision_tower(model):
+    return model.model.vision_model
+
+
 def pixel_kwargs(pixel_values) -> dict:
     """Model-forward keyword for a batch of single images [B, 3, H, W]."""
     return {"pixel_values": pixel_values[:, None]}  # Idefics3 takes [B, images per sample, 3, H, W]
