@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from guard.decode import question_ids
+from guard.prompt import Prompter
 from guard.runtime import load_guard
+from guard.spec import spec_from_hf_dir
 from guard.types import DecodeConfig, VqaRequest
 from training import train as train_mod
 from training.train import DataSource, TrainConfig, train
@@ -106,16 +110,27 @@ def test_head_fitting_pipeline_writes_trained_heads_the_runtime_loads(nano_model
 
     model = tmp_path / "m"
     shutil.copytree(nano_models["smolvlm"], model)
-    labelled = load_examples(phantom / "train.json", phantom / "images").examples[:24]
-    rows = collect_features(model, labelled, [], answer_models=[model], max_new_tokens=6, batch_size=8, log=lambda *_: None)
-    assert len(rows.answer_x) == len(labelled) and len(rows.premise_y) == len(labelled)
+    examples = load_examples(phantom / "train.json", phantom / "images").examples
+    labelled = examples[:24]
+    # stand-ins for scored MedHallTune rows: another model's answer and four scores
+    scored = [dataclasses.replace(e, model_answer="No.", scores=(i % 9 + 1.0,) * 4) for i, e in enumerate(examples[24:48])]
+    rows = collect_features(model, labelled, scored, answer_models=[model], max_new_tokens=6, batch_size=8,
+                            log=lambda *_: None)
+    assert len(rows.answer_x) == len(labelled) + len(scored) and len(rows.premise_y) == len(labelled) + len(scored)
+    assert rows.premise_source == ["phantom"] * len(labelled) + ["medhalltune"] * len(scored)
+    prompter = Prompter(model / "tokenizer.json", spec_from_hf_dir(model))
+    ids = prompter.encode_prompt(labelled[0].question)
+    assert rows.premise_ids[0].tolist() == question_ids(ids, spec_from_hf_dir(model).image_token_id).tolist()
     # A random-init model's answers are judged; force both classes so the fit has something to separate.
     rows.answer_y = [[float(i % 2)] + y[1:] for i, y in enumerate(rows.answer_y)]
     heads, metrics = fit_heads(rows, HeadFitConfig(steps=20))
     save_heads(heads, model)
     guard = load_guard(model)
-    assert guard.heads.trained and guard.heads.info["calibration"]["answer_rows"] == len(labelled)
+    assert guard.heads.trained and guard.heads.info["calibration"]["answer_rows"] == len(labelled) + len(scored)
     assert {"p_hallucination_auroc", "premise_auroc", "risk_level_spearman"} <= metrics.keys()
+    assert len(guard.heads.premise_ngrams) == metrics["premise_ngram_vocabulary"] > 0
+    assert metrics["premise_fit_rows"] in ("medhalltune", "all")
+    assert {"hidden", "ngrams", "both"} <= metrics["premise_ablation"]["medhalltune"].keys()
 
 
 @pytest.mark.timeout(600)
