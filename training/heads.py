@@ -87,11 +87,13 @@ def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
 
 
-def _cv_pick(make, grid, x, y, groups, score, folds: int = 5, train_rows=None, score_rows=None):
+def _cv_pick(make, grid, x, y, groups, score, folds: int = 5, train_rows=None, score_by=None, sample_weight=None):
     """The grid value whose model scores best (mean over GroupKFold folds); -> (value, its CV score).
 
-    `train_rows` / `score_rows` (boolean [N]) limit what each fold fits on / is scored on; the
-    folds themselves split every row, so choices made with different masks share them.
+    `train_rows` (boolean [N]) limits what each fold fits on; the folds themselves split every row,
+    so choices made with different `train_rows` share them. `score_by` ([N] part labels, e.g. the
+    source of each row) scores each part of a fold on its own and averages the parts, so each
+    counts alike however many rows it has. `sample_weight` [N] goes to each fit.
     With fewer than two groups there is nothing to cross-validate: the middle of the grid, score NaN."""
     from sklearn.model_selection import GroupKFold
 
@@ -99,15 +101,19 @@ def _cv_pick(make, grid, x, y, groups, score, folds: int = 5, train_rows=None, s
     if folds < 2:
         return grid[len(grid) // 2], float("nan")
     splits = list(GroupKFold(n_splits=folds).split(x, y, groups))
-    if train_rows is not None or score_rows is not None:
-        keep = lambda idx, rows: idx if rows is None else idx[np.asarray(rows)[idx]]  # noqa: E731
-        splits = [(keep(tr, train_rows), keep(te, score_rows)) for tr, te in splits]
-        splits = [(tr, te) for tr, te in splits if len(tr) and len(te)]  # a fold with nothing to fit or score
-        if not splits:
-            return grid[len(grid) // 2], float("nan")
+    if train_rows is not None:
+        splits = [(tr[np.asarray(train_rows)[tr]], te) for tr, te in splits]
+    parts = np.zeros(len(y), int) if score_by is None else np.unique(np.asarray(score_by), return_inverse=True)[1]
+
+    def fold_score(v, tr, te):
+        if not len(tr):  # nothing to fit in this fold
+            return float("nan")
+        m = make(v).fit(x[tr], y[tr], **({} if sample_weight is None else {"sample_weight": sample_weight[tr]}))
+        return np.nanmean([score(y[idx], m, x[idx]) for k in np.unique(parts[te]) for idx in [te[parts[te] == k]]])
+
     results = []
     for v in grid:
-        vals = [score(y[te], make(v).fit(x[tr], y[tr]), x[te]) for tr, te in splits]
+        vals = [fold_score(v, tr, te) for tr, te in splits]
         results.append((float(np.nanmean(vals)), v))
     best_score, best = max(results, key=lambda r: r[0])
     return best, best_score
@@ -148,8 +154,8 @@ def fit_logistic(x: np.ndarray, labels: np.ndarray, groups, cs=LOGISTIC_CS) -> t
     return head, {"premise_logistic_c": c, "premise_cv_auroc": safe(cv_score)}
 
 
-PREMISE_CS = (0.3, 1.0, 3.0)
-PREMISE_HIDDEN_WEIGHTS = (0.01, 0.02, 0.05, 0.1, 0.3)
+PREMISE_CS = (1.0, 3.0, 10.0)
+PREMISE_HIDDEN_WEIGHTS = (0.02, 0.05, 0.1, 0.2)
 PREMISE_SOURCES = ("medhalltune", "all")
 """Rows the premise head may fit on: MedHallTune's only, or PhantomVQA's too."""
 
@@ -206,8 +212,8 @@ class _HiddenAndNgrams:
         scale[: self.hidden] = self.weight
         return x @ diags(scale)
 
-    def fit(self, x, y):
-        self.clf.fit(self._scale(x), y)
+    def fit(self, x, y, sample_weight=None):
+        self.clf.fit(self._scale(x), y, sample_weight=sample_weight)
         return self
 
     def decision_function(self, x):
@@ -218,9 +224,10 @@ def fit_premise(hidden: np.ndarray, question_ids: list, labels: np.ndarray, grou
                 cs=PREMISE_CS, weights=PREMISE_HIDDEN_WEIGHTS, sources=PREMISE_SOURCES):
     """The premise head on [question features, question n-grams]; -> (LinearHead, QuestionNgrams, info, rows).
 
-    Its C, the hidden block's weight and its training rows (`sources`) are picked by grouped CV,
-    scored by the AUROC on MedHallTune rows (`medhalltune`, boolean [N]), the questions it is judged on.
-    `rows` marks the rows it was fitted on."""
+    Its C, the hidden block's weight and its training rows (`sources`: MedHallTune's, or all, each
+    source weighing alike in the loss) are picked by grouped CV, scored by the mean of the AUROC on
+    MedHallTune questions (`medhalltune`, boolean [N]) and on the others: the served head judges
+    both kinds. `rows` marks the rows it was fitted on."""
     from scipy.sparse import csr_matrix, hstack
 
     from training.metrics import auroc
@@ -228,6 +235,9 @@ def fit_premise(hidden: np.ndarray, question_ids: list, labels: np.ndarray, grou
     y = np.asarray(labels).astype(int)
     groups, mht = np.asarray(groups), np.asarray(medhalltune, bool)
     cv = lambda yt, m, xt: auroc(yt, m.decision_function(xt))  # noqa: E731
+    sources_of = mht.astype(int)
+    # each source weighs alike in the loss (PhantomVQA's questions outnumber MedHallTune's)
+    balance = (len(y) / (2 * np.maximum(np.bincount(sources_of, minlength=2), 1)))[sources_of]
     picks = {}
     for source in sources:
         rows = mht if source == "medhalltune" else np.ones(len(y), bool)
@@ -236,19 +246,18 @@ def fit_premise(hidden: np.ndarray, question_ids: list, labels: np.ndarray, grou
         x = hstack([csr_matrix((hidden - mean) / std), ngram_matrix(ngrams, question_ids)]).tocsr()
         make = lambda v: _HiddenAndNgrams(v[0], v[1], hidden.shape[1])  # noqa: E731
         (c, w), score = _cv_pick(make, [(c, w) for c in cs for w in weights], x, y, groups, cv,
-                                 train_rows=rows, score_rows=mht)
+                                 train_rows=rows, score_by=sources_of, sample_weight=balance)
         picks[source] = (score, c, w, rows, ngrams, mean, std, x)
     source = max(picks, key=lambda k: -np.inf if np.isnan(picks[k][0]) else picks[k][0])
     score, c, w, rows, ngrams, mean, std, x = picks[source]
-    model = _HiddenAndNgrams(c, w, hidden.shape[1]).fit(x[rows], y[rows])
+    model = _HiddenAndNgrams(c, w, hidden.shape[1]).fit(x[rows], y[rows], sample_weight=balance[rows])
     coef = model.clf.coef_.T.astype(np.float32)
     head = LinearHead(mean=np.concatenate([mean, np.zeros(len(ngrams), np.float32)]),
                       std=np.concatenate([std / np.float32(w), np.ones(len(ngrams), np.float32)]),
                       w=coef.copy(), b=model.clf.intercept_.astype(np.float32))
     info = {"premise_logistic_c": c, "premise_hidden_weight": w, "premise_fit_rows": source,
-            "premise_ngram_vocabulary": len(ngrams),
-            "premise_cv_auroc_medhalltune": safe(score),
-            **{f"premise_cv_auroc_medhalltune_fit_on_{k}": safe(v[0]) for k, v in picks.items()}}
+            "premise_ngram_vocabulary": len(ngrams), "premise_cv_auroc": safe(score),
+            **{f"premise_cv_auroc_fit_on_{k}": safe(v[0]) for k, v in picks.items()}}
     return head, ngrams, info, rows
 
 
