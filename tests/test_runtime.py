@@ -9,7 +9,8 @@ from guard import decode
 from guard.errors import InvalidImageError, InvalidRequestError, ModelLoadError
 from guard.policy import PolicyConfig
 from guard.preprocess import preprocess
-from guard.runtime import GuardConfig, load_guard
+from guard.batching import BatchingConfig
+from guard.runtime import Guard, GuardConfig, load_guard
 from guard.spec import HEADS_FILE
 from guard.types import DecodeConfig, VerdictKind, VqaRequest
 from tests.conftest import FAMILIES, png_bytes
@@ -170,9 +171,11 @@ def test_question_features_are_the_mean_over_the_question_positions(guards, fami
     assert ids[start - 1] == g.spec.image_token_id and g.spec.image_token_id not in ids[start:]
     out, _ = g.backend.forward(g._embed_prompt(ids, pixels), np.ones((1, len(ids)), np.int64),
                                np.arange(len(ids))[None], g.backend.new_cache(1))
-    generated = g._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)
+    generated = g._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)  # batched
+    unbatched = Guard(g.backend, g.prompter, g.heads, GuardConfig(batching=BatchingConfig(enabled=False)))
+    alone = unbatched._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)
     scored = g._teacher_force(question, pixels, [5, 6, g.spec.eos_token_ids[0]], None)
-    for gen in (generated, scored):
+    for gen in (generated, alone, scored):
         assert gen.question_ids.tolist() == ids[start:].tolist()  # the premise head's n-grams: the same positions
         np.testing.assert_allclose(gen.question_hidden_mid, out.hidden_mid[0, start:].mean(0), atol=1e-5)
         np.testing.assert_allclose(gen.question_hidden_last, out.hidden_last[0, start:].mean(0), atol=1e-5)
