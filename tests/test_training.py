@@ -176,3 +176,36 @@ def test_the_premise_loss_reads_only_the_question_positions_and_reaches_the_weig
 
     a, b = load_file(plain / "model.safetensors"), load_file(aux / "model.safetensors")
     assert any(not np.array_equal(a[k], b[k]) for k in a if "text_model" in k or "language_model" in k)
+
+
+def test_source_balance_weighs_each_source_alike_with_mean_one():
+    from training.heads import source_balance
+
+    w = source_balance(np.array([True] * 3 + [False] * 9))
+    assert w[:3].sum() == pytest.approx(w[3:].sum()) and w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(source_balance(np.zeros(5, bool)), 1.0)  # one source: every row alike
+
+
+def test_cv_pick_fits_only_train_rows_and_scores_each_part_alike():
+    from training.heads import _cv_pick
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, v):
+            self.v = v
+
+        def fit(self, x, y, sample_weight=None):
+            seen.append(set(x[:, 0].astype(int).tolist()))
+            return self
+
+    x = np.arange(12, dtype=float)[:, None]
+    y = np.zeros(12)
+    groups = np.arange(12) % 6  # every group, so every fold, holds rows of both parts
+    train_rows = np.arange(12) >= 4  # rows 0-3 are never fitted on
+    parts = (np.arange(12) < 6).astype(int)
+    # part 0 (rows 6-11) scores 1.0, part 1 (rows 0-5) 0.0; scored as one, a fold would score its first row: 0.0
+    score = lambda yt, m, xt: float(xt[0, 0] >= 6)  # noqa: E731
+    best, value = _cv_pick(Recorder, [1, 2], x, y, groups, score, folds=3, train_rows=train_rows, score_by=parts)
+    assert all(not ({0, 1, 2, 3} & rows) for rows in seen)
+    assert value == 0.5

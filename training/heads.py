@@ -136,24 +136,6 @@ def fit_ridge_scores(x: np.ndarray, scores: np.ndarray, groups, alphas=RIDGE_ALP
     return head, {"scores_ridge_alpha": alpha, "scores_cv_mean_spearman": safe(cv_score)}
 
 
-def fit_logistic(x: np.ndarray, labels: np.ndarray, groups, cs=LOGISTIC_CS) -> tuple[LinearHead, dict]:
-    """x [N, F], labels [N] (0/1) -> a LinearHead giving the logit, and the C picked."""
-    from sklearn.linear_model import LogisticRegression
-
-    from training.metrics import auroc
-
-    mean, std = _standardizer(x)
-    z = (x - mean) / std
-    y = np.asarray(labels).astype(int)
-    cv = lambda yt, m, xt: auroc(yt, m.decision_function(xt))  # noqa: E731
-    make = lambda c: LogisticRegression(C=c, max_iter=5000)  # noqa: E731
-    c, cv_score = _cv_pick(make, cs, z, y, np.asarray(groups), cv)
-    clf = make(c).fit(z, y)
-    head = LinearHead(mean=mean, std=std, w=clf.coef_.T.astype(np.float32).copy(),
-                      b=clf.intercept_.astype(np.float32))
-    return head, {"premise_logistic_c": c, "premise_cv_auroc": safe(cv_score)}
-
-
 PREMISE_CS = (1.0, 3.0, 10.0)
 PREMISE_HIDDEN_WEIGHTS = (0.02, 0.05, 0.1, 0.2)
 PREMISE_SOURCES = ("medhalltune", "all")
@@ -196,6 +178,14 @@ def ngram_matrix(ngrams: QuestionNgrams, question_ids: list):
     return csr_matrix((values, indices, indptr), shape=(len(parts), len(ngrams)))
 
 
+def source_balance(medhalltune: np.ndarray) -> np.ndarray:
+    """Sample weights [N] under which each source (MedHallTune or not) weighs alike, mean 1:
+    PhantomVQA's questions outnumber MedHallTune's."""
+    part = np.asarray(medhalltune, bool).astype(int)
+    counts = np.bincount(part, minlength=2)
+    return (len(part) / ((counts > 0).sum() * np.maximum(counts, 1)))[part]
+
+
 class _HiddenAndNgrams:
     """Logistic regression on [standardized hidden block x weight, n-gram block]; x is sparse [N, H + V]."""
 
@@ -235,9 +225,7 @@ def fit_premise(hidden: np.ndarray, question_ids: list, labels: np.ndarray, grou
     y = np.asarray(labels).astype(int)
     groups, mht = np.asarray(groups), np.asarray(medhalltune, bool)
     cv = lambda yt, m, xt: auroc(yt, m.decision_function(xt))  # noqa: E731
-    sources_of = mht.astype(int)
-    # each source weighs alike in the loss (PhantomVQA's questions outnumber MedHallTune's)
-    balance = (len(y) / (2 * np.maximum(np.bincount(sources_of, minlength=2), 1)))[sources_of]
+    sources_of, balance = mht.astype(int), source_balance(mht)
     picks = {}
     for source in sources:
         rows = mht if source == "medhalltune" else np.ones(len(y), bool)
@@ -380,21 +368,26 @@ def fit_heads(rows: FeatureRows, cfg: HeadFitConfig = HeadFitConfig(), calib_fra
 
 
 def premise_ablation(px, p_ids, py, groups, used, cal, mht, served, ngrams, logits) -> dict:
-    """Calibration-fold AUROC of premise heads fitted on the served head's rows (`used`) from
-    hidden states only, n-grams only, and both (the served head), on its MedHallTune and
-    PhantomVQA questions."""
+    """Calibration-fold AUROC of premise heads fitted on the served head's rows (`used`, with the
+    same source weights) from hidden states only, n-grams only, and both (the served head), on
+    its MedHallTune and PhantomVQA questions."""
     from sklearn.linear_model import LogisticRegression
 
     from training.metrics import auroc
 
     ids = lambda sel: [p_ids[i] for i in np.flatnonzero(sel)]  # noqa: E731
-    hidden, _ = fit_logistic(px[used], py[used], groups[used])
+    y, g, weight = py[used].astype(int), groups[used], source_balance(mht[used])
     cv = lambda yt, m, xt: auroc(yt, m.decision_function(xt))  # noqa: E731
-    xn = ngram_matrix(ngrams, ids(used))
-    c, _ = _cv_pick(lambda c: LogisticRegression(C=c, max_iter=5000), (1.0, 3.0, 10.0), xn, py[used].astype(int),
-                    groups[used], cv)
-    only_ngrams = LogisticRegression(C=c, max_iter=5000).fit(xn, py[used].astype(int))
-    heads = {"hidden": lambda sel: hidden(px[sel])[:, 0],
+    make = lambda c: LogisticRegression(C=c, max_iter=5000)  # noqa: E731
+
+    def fit(x, cs):  # one block alone, fitted as the served head is: C by grouped CV, sources alike
+        c, _ = _cv_pick(make, cs, x, y, g, cv, score_by=mht[used], sample_weight=weight)
+        return make(c).fit(x, y, sample_weight=weight)
+
+    mean, std = _standardizer(px[used])
+    only_hidden = fit((px[used] - mean) / std, LOGISTIC_CS)
+    only_ngrams = fit(ngram_matrix(ngrams, ids(used)), PREMISE_CS)
+    heads = {"hidden": lambda sel: only_hidden.decision_function((px[sel] - mean) / std),
              "ngrams": lambda sel: only_ngrams.decision_function(ngram_matrix(ngrams, ids(sel))),
              "both": lambda sel: logits(served, ngrams, sel)}
     out = {}
