@@ -6,8 +6,10 @@ another language reads head.onnx instead. Both compute the same thing:
   answer_features [N, 4D+5] -> answer_logits [N, 5] (p_hallucination logit, 4 score logits),
                                p_hallucination [N], scores [N, 4] (1-10)
   prompt_features [N, 2D]   -> premise_logits [N, 1], premise_risk [N]
+  (+ question_ngrams [N, V])     (an input only when the premise head reads question n-grams)
 
-Features as `guard.head.answer_features` / `prompt_features` (heads format v2).
+Features as `guard.head.answer_features` / `prompt_features`, and `GuardHeads.premise_ngrams`
+(the question's token-id TF-IDF, heads format v3), computed outside the graph.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from guard.head import GuardHeads, LinearHead, MLPHead
 
-INPUTS = ("answer_features", "prompt_features")
+INPUTS = ("answer_features", "prompt_features", "question_ngrams")
+"""question_ngrams only for heads with `premise_ngrams`."""
 OUTPUTS = ("answer_logits", "premise_logits", "p_hallucination", "premise_risk", "scores")
 
 
@@ -73,7 +76,10 @@ def heads_to_onnx(heads: GuardHeads, opset: int = 18) -> onnx.ModelProto:
     h = _mlp(b, "answer_features", heads.hallucination, "hallucination")
     s = _linear(b, "answer_features", heads.scores, "scores")
     a = b.op("Concat", [h, s], "answer/logits", axis=1)
-    p = _linear(b, "prompt_features", heads.premise, "premise")
+    ngrams = heads.premise_ngrams
+    premise_in = "prompt_features" if ngrams is None else \
+        b.op("Concat", ["prompt_features", "question_ngrams"], "premise/features", axis=1)
+    p = _linear(b, premise_in, heads.premise, "premise")
     b.op("Identity", [a], "answer_logits")
     b.op("Identity", [p], "premise_logits")
     # p_hallucination = sigmoid(a[:, 0] / T_answer); premise_risk = sigmoid(p[:, 0] / T_premise)
@@ -95,7 +101,9 @@ def heads_to_onnx(heads: GuardHeads, opset: int = 18) -> onnx.ModelProto:
         b.nodes,
         "guard_heads",
         inputs=[helper.make_tensor_value_info("answer_features", TensorProto.FLOAT, [n, answer_in]),
-                helper.make_tensor_value_info("prompt_features", TensorProto.FLOAT, [n, prompt_in])],
+                helper.make_tensor_value_info("prompt_features", TensorProto.FLOAT, [n, prompt_in])]
+        + ([] if ngrams is None else
+           [helper.make_tensor_value_info("question_ngrams", TensorProto.FLOAT, [n, len(ngrams)])]),
         outputs=[helper.make_tensor_value_info("answer_logits", TensorProto.FLOAT, [n, 1 + heads.scores.w.shape[1]]),
                  helper.make_tensor_value_info("premise_logits", TensorProto.FLOAT, [n, heads.premise.w.shape[1]]),
                  helper.make_tensor_value_info("p_hallucination", TensorProto.FLOAT, [n]),

@@ -178,29 +178,29 @@ class _Recording:
         return out, cache
 
 
-def _prompt_embeds(backend: Backend, prompter: Prompter, prompt: Prompt) -> tuple[np.ndarray, int]:
-    """-> (prompt embeddings [1, S, D] with the image spliced in, the question's first position)."""
+def _prompt_embeds(backend: Backend, prompter: Prompter, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+    """-> (prompt embeddings [1, S, D] with the image spliced in, the question's ids: the prompt's tail)."""
     spec = backend.spec
     pixels = preprocess(prompt.image, "image/png", spec.preprocess)[None]
     ids = prompter.encode_prompt(prompt.question)
     embeds = decode.splice_image(backend.embed(ids[None]), ids, backend.encode_image(pixels), spec.image_token_id)
-    return embeds, decode.question_start(ids, spec.image_token_id)
+    return embeds, decode.question_ids(ids, spec.image_token_id)
 
 
-def _greedy(backend: Backend, prompt: tuple[np.ndarray, int], max_new_tokens: int) -> tuple[Generation, list[np.ndarray]]:
+def _greedy(backend: Backend, prompt: tuple[np.ndarray, np.ndarray], max_new_tokens: int) -> tuple[Generation, list[np.ndarray]]:
     """-> the answer and each step's logits [V]."""
     rec = _Recording(backend)
-    embeds, start = prompt
+    embeds, question = prompt
     gen = decode.generate(rec, embeds, backend.spec.eos_token_ids, DecodeConfig(max_new_tokens=max_new_tokens),
-                          question_from=start)
+                          question_ids=question)
     return gen, [step[-1] for step in rec.logits]
 
 
-def _forced(backend: Backend, prompt: tuple[np.ndarray, int], tokens: list[int]) -> tuple[Generation, np.ndarray]:
+def _forced(backend: Backend, prompt: tuple[np.ndarray, np.ndarray], tokens: list[int]) -> tuple[Generation, np.ndarray]:
     """-> features of `tokens` as an answer, and the logits [n, V] that predicted each of them."""
     rec = _Recording(backend)
-    embeds, start = prompt
-    gen = decode.teacher_force(rec, embeds, tokens, question_from=start)
+    embeds, question = prompt
+    gen = decode.teacher_force(rec, embeds, tokens, question_ids=question)
     seq_len = embeds.shape[1]
     return gen, rec.logits[0][seq_len - 1 : seq_len - 1 + len(tokens)]
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from guard.backends import Backend
-from guard.decode import Sequence, question_start, splice_image
+from guard.decode import Sequence, question_ids, splice_image
 from guard.errors import BackendUnavailableError, GuardError
 from guard.types import DecodeConfig, Generation, StopSignal
 
@@ -230,7 +230,7 @@ class BatchScheduler:
                                           np.arange(seq_len, dtype=np.int64)[None], self.backend.new_cache(1))
         stream = (lambda tok: job.events.put(("token", tok))) if job.streaming else None
         job.seq = Sequence(job.config, self.eos_token_ids, on_token=stream)
-        job.seq.set_question(out.hidden_mid[0], out.hidden_last[0], question_start(job.ids, self.image_token_id))
+        job.seq.set_question(out.hidden_mid[0], out.hidden_last[0], question_ids(job.ids, self.image_token_id))
         token = job.seq.push(out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1])
         job.decode_t0 = time.perf_counter()
         job.prefill_ms = (job.decode_t0 - t) * 1e3

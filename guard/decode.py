@@ -4,7 +4,8 @@ It works on embeddings, token ids and backend outputs only; it knows nothing
 of images, tokenization, gRPC or thresholds. For every emitted token it keeps
 the log-probability, the entropy and the two hidden states that produced it,
 which is exactly what the guard heads read, and at prefill the mean hidden
-states over the question (every prompt position after the image slots).
+states over the question (every prompt position after the image slots) and
+the token ids at those positions.
 `teacher_force` computes the same features for an answer produced elsewhere,
 in one forward pass.
 """
@@ -37,9 +38,21 @@ def question_start(ids: np.ndarray, image_token_id: int) -> int:
     return start
 
 
+def question_ids(ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """ids [S] -> the question's token ids [Q] int64: positions question_start.. to the prompt's end."""
+    return np.asarray(ids[question_start(ids, image_token_id):], np.int64)
+
+
 def question_means(hidden_mid: np.ndarray, hidden_last: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
     """Prefill hidden states [S, D] -> their means over positions start.. ([D], [D]), float32."""
     return hidden_mid[start:].mean(0, dtype=np.float32), hidden_last[start:].mean(0, dtype=np.float32)
+
+
+def _question_from(prompt_states: np.ndarray, question_ids: np.ndarray) -> int:
+    """The question's first position in a prompt's states [S, D]: it fills the last len(question_ids)."""
+    start = len(prompt_states) - len(question_ids)
+    assert len(question_ids) and start >= 0, "the question is a non-empty tail of the prompt"
+    return start
 
 
 def token_stats(logits: np.ndarray, tokens: np.ndarray,
@@ -97,11 +110,14 @@ class Sequence:
         self.tokens: list[int] = []
         self._logprobs, self._entropies, self._mids, self._lasts = [], [], [], []
         self._question: tuple[np.ndarray, np.ndarray] | None = None
+        self._question_ids = np.zeros(0, np.int64)
         self.stop_reason = "length"
 
-    def set_question(self, hidden_mid: np.ndarray, hidden_last: np.ndarray, start: int) -> None:
-        """Keep the question's mean hidden states from the prefill output ([S, D] each)."""
-        self._question = question_means(hidden_mid, hidden_last, start)
+    def set_question(self, hidden_mid: np.ndarray, hidden_last: np.ndarray, question_ids: np.ndarray) -> None:
+        """Keep the question's ids ([Q], the prompt's last Q positions) and its mean hidden states
+        from the prefill output ([S, D] each)."""
+        self._question = question_means(hidden_mid, hidden_last, _question_from(hidden_mid, question_ids))
+        self._question_ids = np.asarray(question_ids, np.int64)
 
     def push(self, logits: np.ndarray, h_mid: np.ndarray, h_last: np.ndarray) -> int | None:
         """Take the distribution at the newest position ([V], [D], [D]) and pick a token.
@@ -133,6 +149,7 @@ class Sequence:
             hidden_last=np.stack(self._lasts).astype(np.float32),
             question_hidden_mid=self._question[0],
             question_hidden_last=self._question[1],
+            question_ids=self._question_ids,
             stop_reason=self.stop_reason,
             prefill_ms=prefill_ms,
             decode_ms=decode_ms,
@@ -147,9 +164,10 @@ def generate(
     stop: StopSignal | None = None,
     on_token: Callable[[int], None] | None = None,
     *,
-    question_from: int,
+    question_ids: np.ndarray,
 ) -> Generation:
-    """prompt_embeds: [1, S, D] with the image already spliced in; the question starts at `question_from`."""
+    """prompt_embeds: [1, S, D] with the image already spliced in; `question_ids` [Q] are the token ids of
+    its last Q positions, the question (see `question_ids()`)."""
     stop = stop or StopSignal()
     seq = Sequence(config, eos_token_ids, on_token)
     seq_len = prompt_embeds.shape[1]
@@ -160,7 +178,7 @@ def generate(
     out, cache = backend.forward(
         prompt_embeds, np.ones((1, seq_len), np.int64), np.arange(seq_len, dtype=np.int64)[None], backend.new_cache(1)
     )
-    seq.set_question(out.hidden_mid[0], out.hidden_last[0], question_from)
+    seq.set_question(out.hidden_mid[0], out.hidden_last[0], question_ids)
     token = seq.push(out.logits[0, -1], out.hidden_mid[0, -1], out.hidden_last[0, -1])
     t1 = time.perf_counter()
 
@@ -178,9 +196,10 @@ def generate(
 
 def teacher_force(
     backend: Backend, prompt_embeds: np.ndarray, answer_ids: list[int], stop: StopSignal | None = None,
-    *, question_from: int,
+    *, question_ids: np.ndarray,
 ) -> Generation:
-    """Features of a given answer, as if the model had generated it. answer_ids should end with EOS."""
+    """Features of a given answer, as if the model had generated it. answer_ids should end with EOS;
+    `question_ids` as in `generate`."""
     assert answer_ids, "teacher forcing needs at least one answer token"
     (stop or StopSignal()).check()
     t0 = time.perf_counter()
@@ -193,7 +212,8 @@ def teacher_force(
     )
     rows = slice(seq_len - 1, total)  # positions whose logits predict answer tokens
     logprobs, entropies = token_stats(out.logits[0, rows], np.array(answer_ids))
-    q_mid, q_last = question_means(out.hidden_mid[0, :seq_len], out.hidden_last[0, :seq_len], question_from)
+    q_mid, q_last = question_means(out.hidden_mid[0, :seq_len], out.hidden_last[0, :seq_len],
+                                   _question_from(out.hidden_mid[0, :seq_len], question_ids))
     return Generation(
         token_ids=list(answer_ids),
         logprobs=logprobs,
@@ -202,6 +222,7 @@ def teacher_force(
         hidden_last=out.hidden_last[0, rows].astype(np.float32),
         question_hidden_mid=q_mid,
         question_hidden_last=q_last,
+        question_ids=np.asarray(question_ids, np.int64),
         stop_reason="teacher_forced",
         prefill_ms=(time.perf_counter() - t0) * 1e3,
     )

@@ -162,23 +162,23 @@ class Guard:
         prompt_embeds = self._embed_prompt(ids, pixels)
         vision_ms = _ms_since(t)
         gen = decode.generate(self.backend, prompt_embeds, self.spec.eos_token_ids, config, stop, on_token,
-                              question_from=decode.question_start(ids, self.spec.image_token_id))
+                              question_ids=decode.question_ids(ids, self.spec.image_token_id))
         gen.vision_ms = vision_ms
         return gen
 
     def _teacher_force(self, question: str, pixels: np.ndarray, answer_ids: list[int],
                        stop: StopSignal | None) -> Generation:
         t = time.perf_counter()
-        prompt_embeds, question_from = self._prompt_embeds(question, pixels)
+        prompt_embeds, question_ids = self._prompt_embeds(question, pixels)
         vision_ms = _ms_since(t)
-        gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop, question_from=question_from)
+        gen = decode.teacher_force(self.backend, prompt_embeds, answer_ids, stop, question_ids=question_ids)
         gen.vision_ms = vision_ms
         return gen
 
     def _prompt_embeds(self, question: str, pixels: np.ndarray) -> tuple[np.ndarray, int]:
-        """-> (prompt embeddings [1,S,D] with the image spliced in, the question's first position)."""
+        """-> (prompt embeddings [1,S,D] with the image spliced in, the question's ids: the prompt's tail)."""
         ids = self.prompter.encode_prompt(question)
-        return self._embed_prompt(ids, pixels), decode.question_start(ids, self.spec.image_token_id)
+        return self._embed_prompt(ids, pixels), decode.question_ids(ids, self.spec.image_token_id)
 
     def _embed_prompt(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """ids [S] with image slots, pixels [1,3,H,W] -> prompt embeddings [1,S,D] with the image spliced in."""

@@ -67,6 +67,7 @@ class Generation:
     hidden_last: np.ndarray  # [T, D] float32, the final (normed) decoder layer
     question_hidden_mid: np.ndarray  # [D] mean over the prompt positions after the image (question + turn end)
     question_hidden_last: np.ndarray  # [D] the same, final layer
+    question_ids: np.ndarray  # [Q] int64, the prompt's token ids at those positions (the premise head's n-grams)
     stop_reason: str  # "eos" | "length"
     prefill_ms: float = 0.0
     decode_ms: float = 0.0

@@ -75,7 +75,7 @@ def _inputs(guard, i: int, question: str | None = None):
 def _unbatched(guard, ids, pixels, config: DecodeConfig, eos: tuple[int, ...] | None = None):
     embeds = guard._embed_prompt(ids, pixels[None])
     return decode.generate(guard.backend, embeds, eos or guard.spec.eos_token_ids, config,
-                           question_from=decode.question_start(ids, guard.spec.image_token_id))
+                           question_ids=decode.question_ids(ids, guard.spec.image_token_id))
 
 
 def _scheduler(guard, backend=None, eos: tuple[int, ...] | None = None, **batching) -> BatchScheduler:
@@ -111,6 +111,7 @@ def assert_same_generation(batched, alone) -> None:
     np.testing.assert_allclose(batched.hidden_last, alone.hidden_last, atol=1e-4)
     np.testing.assert_allclose(batched.question_hidden_mid, alone.question_hidden_mid, atol=1e-4)
     np.testing.assert_allclose(batched.question_hidden_last, alone.question_hidden_last, atol=1e-4)
+    assert batched.question_ids.tolist() == alone.question_ids.tolist() and len(batched.question_ids) > 0
 
 
 def _check_batched_equals_unbatched(guard, configs, eos: tuple[int, ...] | None = None) -> SpyBackend:

@@ -275,3 +275,27 @@ def test_ask_requests_carry_max_new_tokens_from_construction_and_none_without_it
     capped = ask_requests(examples, max_new_tokens=7)
     assert [r.generation.max_new_tokens for r in capped] == [7, 7]
     assert not any(r.HasField("generation") for r in ask_requests(examples))  # the server's default applies
+
+
+def test_the_default_report_shows_the_premise_ablation_from_the_build_record(tmp_path):
+    import json
+
+    from training.evaluate import _premise_head_record, render_markdown
+
+    assert _premise_head_record(tmp_path) is None  # no build record: nothing to show
+    ablation = {"medhalltune": {"hidden": 0.93, "ngrams": 0.91, "both": 0.95}, "phantom": {"both": 1.0}}
+    (tmp_path / "build_record.json").write_text(json.dumps({"head_calibration": {
+        "premise_fit_rows": "all", "premise_ablation": ablation, "p_hallucination_auroc": 0.9}}))
+    record = _premise_head_record(tmp_path)
+    assert record == {"premise_fit_rows": "all", "premise_ablation": ablation}
+    rates = {"positive_accuracy": 0.5, "negative_hallucination_rate": 0.1, "negative_hallucination_rate_after_guard": 0.0,
+             "positive_questions": 1, "negative_questions": 1, "verdicts": {"VERDICT_ANSWER": 2}}
+    report = {"phantom": {"tuned": rates, "baseline": rates, "hallucinated_generations": 1,
+                          "guard_auroc_tuned_and_baseline_generations": 0.9, "guard_auroc_tuned_generations": 0.9,
+                          "guard_ece": 0.1},
+              "medhalltune": {"heldout_questions": 2, "premise_auroc_guard": 0.96, "premise_auroc_tfidf_logreg": 0.94,
+                              "spearman_guard": {}, "spearman_tfidf_ridge": {}, "premise_head": record}}
+    md = render_markdown(report)
+    assert "| both (the served head) | 0.950 |" in md and "| question hidden states only | 0.930 |" in md
+    report["medhalltune"]["premise_head"] = None
+    assert "ablation" not in render_markdown(report)

@@ -91,6 +91,26 @@ def test_the_dynamo_exporter_passes_fp32_parity_for_llava(tmp_path_factory, nano
     assert m.verified and m.parity["greedy_identical"] == m.parity["prompts"]
 
 
+def test_the_head_graph_reads_question_ngrams_when_the_premise_head_does():
+    import onnxruntime as ort
+
+    from export.head_graph import heads_to_onnx
+    from tests.test_head import D, QUESTIONS, _gen, _ngram_heads
+
+    heads = _ngram_heads()
+    session = ort.InferenceSession(heads_to_onnx(heads).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["answer_features", "prompt_features", "question_ngrams"]
+    gens = [_gen(question=q, seed=i) for i, q in enumerate(QUESTIONS)]
+    from guard.head import answer_features, prompt_features
+
+    _, _, _, risk, _ = session.run(None, {
+        "answer_features": np.stack([answer_features(g) for g in gens]),
+        "prompt_features": np.stack([prompt_features(g) for g in gens]),
+        "question_ngrams": np.stack([heads.premise_ngrams(g.question_ids) for g in gens])})
+    np.testing.assert_allclose(risk, [heads.score(g).premise_risk for g in gens], atol=1e-6)
+    assert heads.feature_sizes()[1] == 2 * D
+
+
 def test_the_head_graph_computes_what_the_numpy_heads_compute(tmp_path_factory, nano_models):
     import onnxruntime as ort
 

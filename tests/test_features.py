@@ -30,9 +30,9 @@ def test_batched_greedy_generation_matches_the_runtime_decode_loop(guards, famil
     prompts, pixels = _inputs(g)
     batched = generate_batch(TorchModel(g.backend.model, g.spec), prompts, pixels, max_new_tokens=8)
     for q, px, tokens in zip(QUESTIONS, pixels, batched):
-        embeds, start = g._prompt_embeds(q, px[None])
+        embeds, question = g._prompt_embeds(q, px[None])
         single = decode.generate(g.backend, embeds, g.spec.eos_token_ids, DecodeConfig(max_new_tokens=8),
-                                 question_from=start)
+                                 question_ids=question)
         assert tokens == single.token_ids
 
 
@@ -44,8 +44,9 @@ def test_batched_teacher_forcing_matches_the_runtime_features(guards, family):
                g.prompter.encode_answer("This is a CT slice with a small left effusion.") + [g.spec.eos_token_ids[0]]]
     batched = teacher_force_batch(TorchModel(g.backend.model, g.spec), prompts, answers, pixels)
     for q, px, a, b in zip(QUESTIONS, pixels, answers, batched):
-        embeds, start = g._prompt_embeds(q, px[None])
-        single = decode.teacher_force(g.backend, embeds, a, question_from=start)
+        embeds, question = g._prompt_embeds(q, px[None])
+        single = decode.teacher_force(g.backend, embeds, a, question_ids=question)
+        assert b.question_ids.tolist() == single.question_ids.tolist() == question.tolist()
         np.testing.assert_allclose(b.logprobs, single.logprobs, atol=1e-4)
         np.testing.assert_allclose(b.hidden_mid, single.hidden_mid, atol=1e-4)
         np.testing.assert_allclose(b.hidden_last, single.hidden_last, atol=1e-4)

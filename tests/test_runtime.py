@@ -9,7 +9,8 @@ from guard import decode
 from guard.errors import InvalidImageError, InvalidRequestError, ModelLoadError
 from guard.policy import PolicyConfig
 from guard.preprocess import preprocess
-from guard.runtime import GuardConfig, load_guard
+from guard.batching import BatchingConfig
+from guard.runtime import Guard, GuardConfig, load_guard
 from guard.spec import HEADS_FILE
 from guard.types import DecodeConfig, VerdictKind, VqaRequest
 from tests.conftest import FAMILIES, png_bytes
@@ -43,8 +44,8 @@ def test_greedy_decoding_matches_transformers_generate(guards, family):
     g = guards[family]
     pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
     ids = g.prompter.encode_prompt("Describe the image.")
-    embeds, start = g._prompt_embeds("Describe the image.", pixels)
-    ours = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=8), question_from=start).token_ids
+    embeds, question = g._prompt_embeds("Describe the image.", pixels)
+    ours = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=8), question_ids=question).token_ids
     pv = torch.from_numpy(pixels)
     extra = {"pixel_values": pv[:, None]} if family == "smolvlm" else {"pixel_values": pv}
     ref = g.backend.model.generate(
@@ -58,10 +59,10 @@ def test_greedy_decoding_matches_transformers_generate(guards, family):
 def test_teacher_forcing_gives_the_features_of_generation(guards, family):
     g = guards[family]
     pixels = preprocess(png_bytes(), "image/png", g.spec.preprocess)[None]
-    embeds, start = g._prompt_embeds("What organ is shown?", pixels)
+    embeds, question = g._prompt_embeds("What organ is shown?", pixels)
     gen = decode.generate(g.backend, embeds, (), DecodeConfig(max_new_tokens=6, temperature=1.0, seed=1),
-                          question_from=start)
-    tf = decode.teacher_force(g.backend, embeds, gen.token_ids, question_from=start)
+                          question_ids=question)
+    tf = decode.teacher_force(g.backend, embeds, gen.token_ids, question_ids=question)
     np.testing.assert_allclose(tf.question_hidden_last, gen.question_hidden_last, atol=1e-4)
     np.testing.assert_allclose(tf.logprobs, gen.logprobs, atol=1e-4)
     np.testing.assert_allclose(tf.hidden_last, gen.hidden_last, atol=1e-4)
@@ -170,8 +171,11 @@ def test_question_features_are_the_mean_over_the_question_positions(guards, fami
     assert ids[start - 1] == g.spec.image_token_id and g.spec.image_token_id not in ids[start:]
     out, _ = g.backend.forward(g._embed_prompt(ids, pixels), np.ones((1, len(ids)), np.int64),
                                np.arange(len(ids))[None], g.backend.new_cache(1))
-    generated = g._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)
+    generated = g._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)  # batched
+    unbatched = Guard(g.backend, g.prompter, g.heads, GuardConfig(batching=BatchingConfig(enabled=False)))
+    alone = unbatched._generate(question, pixels, DecodeConfig(max_new_tokens=3), None, None)
     scored = g._teacher_force(question, pixels, [5, 6, g.spec.eos_token_ids[0]], None)
-    for gen in (generated, scored):
+    for gen in (generated, alone, scored):
+        assert gen.question_ids.tolist() == ids[start:].tolist()  # the premise head's n-grams: the same positions
         np.testing.assert_allclose(gen.question_hidden_mid, out.hidden_mid[0, start:].mean(0), atol=1e-5)
         np.testing.assert_allclose(gen.question_hidden_last, out.hidden_last[0, start:].mean(0), atol=1e-5)

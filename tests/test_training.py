@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from guard.decode import question_ids
+from guard.prompt import Prompter
 from guard.runtime import load_guard
+from guard.spec import spec_from_hf_dir
 from guard.types import DecodeConfig, VqaRequest
 from training import train as train_mod
 from training.train import DataSource, TrainConfig, train
@@ -106,16 +110,27 @@ def test_head_fitting_pipeline_writes_trained_heads_the_runtime_loads(nano_model
 
     model = tmp_path / "m"
     shutil.copytree(nano_models["smolvlm"], model)
-    labelled = load_examples(phantom / "train.json", phantom / "images").examples[:24]
-    rows = collect_features(model, labelled, [], answer_models=[model], max_new_tokens=6, batch_size=8, log=lambda *_: None)
-    assert len(rows.answer_x) == len(labelled) and len(rows.premise_y) == len(labelled)
+    examples = load_examples(phantom / "train.json", phantom / "images").examples
+    labelled = examples[:24]
+    # stand-ins for scored MedHallTune rows: another model's answer and four scores
+    scored = [dataclasses.replace(e, model_answer="No.", scores=(i % 9 + 1.0,) * 4) for i, e in enumerate(examples[24:48])]
+    rows = collect_features(model, labelled, scored, answer_models=[model], max_new_tokens=6, batch_size=8,
+                            log=lambda *_: None)
+    assert len(rows.answer_x) == len(labelled) + len(scored) and len(rows.premise_y) == len(labelled) + len(scored)
+    assert rows.premise_source == ["phantom"] * len(labelled) + ["medhalltune"] * len(scored)
+    prompter = Prompter(model / "tokenizer.json", spec_from_hf_dir(model))
+    ids = prompter.encode_prompt(labelled[0].question)
+    assert rows.premise_ids[0].tolist() == question_ids(ids, spec_from_hf_dir(model).image_token_id).tolist()
     # A random-init model's answers are judged; force both classes so the fit has something to separate.
     rows.answer_y = [[float(i % 2)] + y[1:] for i, y in enumerate(rows.answer_y)]
     heads, metrics = fit_heads(rows, HeadFitConfig(steps=20))
     save_heads(heads, model)
     guard = load_guard(model)
-    assert guard.heads.trained and guard.heads.info["calibration"]["answer_rows"] == len(labelled)
+    assert guard.heads.trained and guard.heads.info["calibration"]["answer_rows"] == len(labelled) + len(scored)
     assert {"p_hallucination_auroc", "premise_auroc", "risk_level_spearman"} <= metrics.keys()
+    assert len(guard.heads.premise_ngrams) == metrics["premise_ngram_vocabulary"] > 0
+    assert metrics["premise_fit_rows"] in ("medhalltune", "all")
+    assert {"hidden", "ngrams", "both"} <= metrics["premise_ablation"]["medhalltune"].keys()
 
 
 @pytest.mark.timeout(600)
@@ -210,3 +225,36 @@ def test_patch_targets_mark_exactly_the_patches_a_finding_is_drawn_in():
     assert t["present"].sum() == 2 and (t["side"] >= 0).sum() == 2 and np.isnan(t["size"]).sum() == len(FINDING_KINDS) - 2
     normal = Case("normal", "chest X-ray", (), 1, 5.0)
     assert not patch_targets(normal, 64, grid).any() and image_targets(normal)["present"].sum() == 0
+
+
+def test_source_balance_weighs_each_source_alike_with_mean_one():
+    from training.heads import source_balance
+
+    w = source_balance(np.array([True] * 3 + [False] * 9))
+    assert w[:3].sum() == pytest.approx(w[3:].sum()) and w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(source_balance(np.zeros(5, bool)), 1.0)  # one source: every row alike
+
+
+def test_cv_pick_fits_only_train_rows_and_scores_each_part_alike():
+    from training.heads import _cv_pick
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, v):
+            self.v = v
+
+        def fit(self, x, y, sample_weight=None):
+            seen.append(set(x[:, 0].astype(int).tolist()))
+            return self
+
+    x = np.arange(12, dtype=float)[:, None]
+    y = np.zeros(12)
+    groups = np.arange(12) % 6  # every group, so every fold, holds rows of both parts
+    train_rows = np.arange(12) >= 4  # rows 0-3 are never fitted on
+    parts = (np.arange(12) < 6).astype(int)
+    # part 0 (rows 6-11) scores 1.0, part 1 (rows 0-5) 0.0; scored as one, a fold would score its first row: 0.0
+    score = lambda yt, m, xt: float(xt[0, 0] >= 6)  # noqa: E731
+    best, value = _cv_pick(Recorder, [1, 2], x, y, groups, score, folds=3, train_rows=train_rows, score_by=parts)
+    assert all(not ({0, 1, 2, 3} & rows) for rows in seen)
+    assert value == 0.5

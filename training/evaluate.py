@@ -163,11 +163,22 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
             [e.question for e in mht_held], negative)),
         "spearman_guard": {n: safe(spearman(pred[:, k], gpt[:, k])) for k, n in enumerate(names)},
         "spearman_tfidf_ridge": {n: safe(v) for n, v in zip(names, tfidf_sp)},
+        "premise_head": _premise_head_record(root),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
+
+
+def _premise_head_record(root: Path) -> dict | None:
+    """How the served premise head was fitted, and its ablation (hidden states only, n-grams only,
+    both) on the calibration fold, from the build record; None when the build has none."""
+    path = root / "build_record.json"
+    cal = json.loads(path.read_text()).get("head_calibration", {}) if path.is_file() else {}
+    keys = ("premise_fit_rows", "premise_logistic_c", "premise_hidden_weight", "premise_ngram_vocabulary",
+            "premise_cv_auroc", "premise_ablation")
+    return {k: cal[k] for k in keys if k in cal} or None
 
 
 def render_markdown(r: dict) -> str:
@@ -189,12 +200,19 @@ def render_markdown(r: dict) -> str:
         f"| p(hallucination) ECE | {fmt(p['guard_ece'])} |",
         f"| tuned verdicts | {', '.join(f'{k}: {v}' for k, v in t['verdicts'].items())} |",
         "",
-        f"| MedHallTune held-out ({m['heldout_questions']} questions) | guard (hidden states) | text-only baseline |",
+        f"| MedHallTune held-out ({m['heldout_questions']} questions) | guard | text-only baseline |",
         "|---|---|---|",
         f"| premise_risk AUROC (baseline: TF-IDF + logistic regression) | {fmt(m['premise_auroc_guard'])} | {fmt(m['premise_auroc_tfidf_logreg'])} |",
     ]
     for name, v in m["spearman_guard"].items():
         rows.append(f"| {name} Spearman vs GPT-4o (baseline: TF-IDF + ridge) | {fmt(v)} | {fmt(m['spearman_tfidf_ridge'][name])} |")
+    ablation = (m.get("premise_head") or {}).get("premise_ablation", {}).get("medhalltune")
+    if ablation:
+        rows += ["", "| premise head ablation, calibration fold of the head's training rows (MedHallTune) | AUROC |",
+                 "|---|---|"]
+        rows += [f"| {label} | {fmt(ablation.get(key))} |" for key, label in (
+            ("hidden", "question hidden states only"), ("ngrams", "question token n-grams only"),
+            ("both", "both (the served head)"))]
     return "\n".join(rows) + "\n"
 
 

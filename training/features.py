@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard.decode import question_means, question_start, token_stats
+from guard.decode import question_ids, question_means, question_start, token_stats
 from guard.families import family_for
 from guard.types import Generation
 
@@ -104,8 +104,8 @@ def teacher_force_batch(tm: TorchModel, prompts: list[list[int]], answers: list[
     for row, (p, a) in enumerate(zip(prompts, answers)):
         rows = slice(len(p) - 1, len(p) - 1 + len(a))  # positions whose logits predict the answer tokens
         logprobs, entropies = token_stats(logits[row, rows], np.array(a))
-        q_mid, q_last = question_means(mid[row, : len(p)], last[row, : len(p)],
-                                       question_start(np.array(p), tm.spec.image_token_id))
+        start = question_start(np.array(p), tm.spec.image_token_id)
+        q_mid, q_last = question_means(mid[row, : len(p)], last[row, : len(p)], start)
         gens.append(Generation(
             token_ids=list(a),
             logprobs=logprobs,
@@ -114,6 +114,7 @@ def teacher_force_batch(tm: TorchModel, prompts: list[list[int]], answers: list[
             hidden_last=last[row, rows],
             question_hidden_mid=q_mid,
             question_hidden_last=q_last,
+            question_ids=question_ids(np.array(p), tm.spec.image_token_id),
             stop_reason="teacher_forced",
         ))
     return gens
