@@ -299,3 +299,17 @@ def test_the_default_report_shows_the_premise_ablation_from_the_build_record(tmp
     assert "| both (the served head) | 0.950 |" in md and "| question hidden states only | 0.930 |" in md
     report["medhalltune"]["premise_head"] = None
     assert "ablation" not in render_markdown(report)
+
+
+def test_rates_by_kind_counts_accuracy_for_positive_kinds_and_acceptance_for_negative_ones():
+    from types import SimpleNamespace as NS
+
+    from training.evaluate import rates_by_kind
+
+    ex = [NS(meta={"kind": "side"}, polarity="positive")] * 2 + [NS(meta={"kind": "wrong_side"}, polarity="negative")] * 4
+    js = [NS(correct=True, accepted_false_premise=False), NS(correct=False, accepted_false_premise=False)] + \
+         [NS(correct=False, accepted_false_premise=a) for a in (True, False, False, False)]
+    out = rates_by_kind(ex, js)
+    assert list(out) == ["side", "wrong_side"]
+    assert out["side"] == {"polarity": "positive", "n": 2, "accuracy": 0.5}
+    assert out["wrong_side"] == {"polarity": "negative", "n": 4, "hallucination_rate": 0.25}

@@ -89,6 +89,19 @@ def phantom_rates(examples, judgements) -> dict:
     }
 
 
+def rates_by_kind(examples, judgements) -> dict:
+    """Per question kind: accuracy (positive kinds) or false-premise acceptance (negative kinds), and counts."""
+    out: dict = {}
+    for e, j in zip(examples, judgements):
+        row = out.setdefault(e.meta["kind"], {"polarity": e.polarity, "n": 0, "_hits": 0})
+        row["n"] += 1
+        row["_hits"] += bool(j.correct if e.polarity == "positive" else j.accepted_false_premise)
+    for row in out.values():
+        key = "accuracy" if row["polarity"] == "positive" else "hallucination_rate"
+        row[key] = round(row.pop("_hits") / row["n"], 3)
+    return dict(sorted(out.items(), key=lambda kv: (kv[1]["polarity"] != "positive", kv[0])))
+
+
 def verdict_counts(responses) -> dict:
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
@@ -136,9 +149,9 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
                            for j, r, e in zip(t_js, tuned, heldout) if e.polarity == "negative"]
     report["phantom"] = {
         "heldout_questions": len(heldout),
-        "tuned": {**t_rates, "verdicts": verdict_counts(tuned),
+        "tuned": {**t_rates, "verdicts": verdict_counts(tuned), "by_kind": rates_by_kind(heldout, t_js),
                   "negative_hallucination_rate_after_guard": safe(np.mean(shown_false_premise))},
-        "baseline": b_rates,
+        "baseline": {**b_rates, "by_kind": rates_by_kind(heldout, b_js)},
         "guard_auroc_tuned_and_baseline_generations": safe(auroc(labels, p_hall)),
         "guard_auroc_tuned_generations": safe(auroc(labels[: len(tuned)], p_hall[: len(tuned)])),
         "guard_ece": safe(ece(labels, p_hall)),
@@ -193,6 +206,15 @@ def render_markdown(r: dict) -> str:
         f"| the same, counting only answers the guard lets through (ABSTAIN withholds) | {fmt(t['negative_hallucination_rate_after_guard'])} | |",
         f"| questions (positive / negative) | {t['positive_questions']} / {t['negative_questions']} | same |",
         "",
+    ]
+    if "by_kind" in t:  # reports written before it have no breakdown
+        rows += ["| PhantomVQA held-out, by question kind | n | tuned | baseline |", "|---|---|---|---|"]
+        for kind, row in t["by_kind"].items():
+            key = "accuracy" if row["polarity"] == "positive" else "hallucination_rate"
+            base = b.get("by_kind", {}).get(kind, {}).get(key)
+            rows.append(f"| {row['polarity']}: {kind} ({key.replace('_', ' ')}) | {row['n']} | {fmt(row[key])} | {fmt(base)} |")
+        rows.append("")
+    rows += [
         "| guard, PhantomVQA held-out generations | value |",
         "|---|---|",
         f"| p(hallucination) AUROC, tuned + baseline answers ({p['hallucinated_generations']} hallucinated) | {fmt(p['guard_auroc_tuned_and_baseline_generations'])} |",
