@@ -46,7 +46,7 @@ class DefaultRecipe:
     """Vision pretraining steps (batch 64), shared by the tuned model and the baseline."""
     freeze_vision: bool = True
     """Keep the pretrained tower fixed while the text model learns to answer."""
-    steps: int = 1200
+    steps: int = 1300
     """Optimizer steps for each of the tuned and baseline models."""
     batch_size: int = 32
     lr: float = 2e-3
