@@ -175,7 +175,7 @@ class Guard:
         gen.vision_ms = vision_ms
         return gen
 
-    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    def _prompt_embeds(self, question: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (prompt embeddings [1,S,D] with the image spliced in, the question's ids: the prompt's tail)."""
         ids = self.prompter.encode_prompt(question)
         return self._embed_prompt(ids, pixels), decode.question_ids(ids, self.spec.image_token_id)

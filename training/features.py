@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard.decode import question_ids, question_means, question_start, token_stats
+from guard.decode import question_means, question_start, token_stats
 from guard.families import family_for
 from guard.types import Generation
 
@@ -114,7 +114,7 @@ def teacher_force_batch(tm: TorchModel, prompts: list[list[int]], answers: list[
             hidden_last=last[row, rows],
             question_hidden_mid=q_mid,
             question_hidden_last=q_last,
-            question_ids=question_ids(np.array(p), tm.spec.image_token_id),
+            question_ids=np.asarray(p[start:], np.int64),
             stop_reason="teacher_forced",
         ))
     return gens

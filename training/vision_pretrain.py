@@ -105,7 +105,7 @@ def _split_image_logits(z):
     return parts
 
 
-def _image_loss(z, t: dict) -> tuple:
+def _image_loss(z, t: dict):
     import torch
     import torch.nn.functional as F
 
@@ -113,16 +113,15 @@ def _image_loss(z, t: dict) -> tuple:
     losses = {"modality": F.binary_cross_entropy_with_logits(p["modality"][:, 0], t["modality"]),
               "present": F.binary_cross_entropy_with_logits(p["present"], t["present"])}
     m = t["side"] >= 0
-    if m.any():
+    if m.any():  # a finding's side and zone are known exactly when it is present
         losses["side"] = F.binary_cross_entropy_with_logits(p["side"][m], t["side"][m].float())
-    losses["zone"] = F.cross_entropy(p["zone"].reshape(-1, 3), t["zone"].reshape(-1), ignore_index=-1) \
-        if (t["zone"] >= 0).any() else z.sum() * 0
+        losses["zone"] = F.cross_entropy(p["zone"].reshape(-1, 3), t["zone"].reshape(-1), ignore_index=-1)
     m = ~torch.isnan(t["size"])
     if m.any():
         losses["size"] = ((p["size"][m] - t["size"][m]) ** 2).mean()
     if (t["count"] >= 0).any():
         losses["count"] = F.cross_entropy(p["count"].reshape(-1, _MAX_COUNT), t["count"].reshape(-1), ignore_index=-1)
-    return sum(losses.values()), losses
+    return sum(losses.values())
 
 
 def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfig = VisionPretrainConfig(),
@@ -173,10 +172,8 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
     def per_token(x):  # [B, P, C] -> [B, T, groups, C]
         return connector.pixel_shuffle(x, connector.scale_factor).reshape(x.shape[0], -1, groups, x.shape[-1])
 
-    token_xy = per_token(xy).mean(2)  # [1, T, 2]
-    with torch.no_grad():
-        n_tokens = connector(vision(pixel_values=torch.from_numpy(pixels[:1])).last_hidden_state).shape[1]
-    probes = _Probes(n_tokens, model.config.text_config.hidden_size, model.config.vision_config.hidden_size)
+    token_xy = per_token(xy).mean(2)  # [1, T, 2]: one row per image token
+    probes = _Probes(token_xy.shape[1], model.config.text_config.hidden_size, model.config.vision_config.hidden_size)
     rate = dense.mean((0, 1))
     pos_weight = torch.tensor((1 - rate) / np.maximum(rate, 1e-4), dtype=torch.float32).clamp(max=50)
 
@@ -194,7 +191,7 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         h = vision(pixel_values=torch.from_numpy(pixels[idx])).last_hidden_state  # [B, P, Dv]
         feats = connector(h)  # [B, T, D]
         d = torch.from_numpy(dense[idx])
-        image_loss, _ = _image_loss(probes.image(feats), t)
+        image_loss = _image_loss(probes.image(feats), t)
         patch_loss = F.binary_cross_entropy_with_logits(probes.patch(h), d, pos_weight=pos_weight)
         tok = probes.token(feats)
         token_loss = F.binary_cross_entropy_with_logits(tok[..., :_K], per_token(d).amax(2), pos_weight=pos_weight) \
