@@ -178,53 +178,6 @@ def test_the_premise_loss_reads_only_the_question_positions_and_reaches_the_weig
     assert any(not np.array_equal(a[k], b[k]) for k in a if "text_model" in k or "language_model" in k)
 
 
-def test_the_readout_loss_reads_only_labelled_rows_at_their_last_prompt_token(nano_models, phantom, tmp_path):
-    import torch
-
-    from training.data import load_examples
-    from training.train import EncodedExamples, collate, readout_loss
-    from training.vision_pretrain import FACT_LOGITS, label_targets
-
-    spec = spec_from_hf_dir(nano_models["smolvlm"])
-    prompter = Prompter(nano_models["smolvlm"] / "tokenizer.json", spec)
-    rows = load_examples(phantom / "train.json", phantom / "images").examples[:3]
-    unlabelled = dataclasses.replace(rows[2], meta={})  # a MedHallTune-like row: no PhantomVQA label
-    items = [EncodedExamples([e], prompter, 16)[0] for e in (rows[0], rows[1], unlabelled)]
-    batch = collate(items, pad_id=0)
-    assert batch["has_facts"].tolist() == [True, True, False]
-    for i, item in enumerate(items):  # the last prompt token: the position the answer is generated from
-        assert batch["labels"][i, batch["prompt_end"][i]] == -100 and batch["labels"][i, batch["prompt_end"][i] + 1] != -100
-    for k, v in label_targets(rows[0].meta["label"]).items():
-        assert np.array_equal(batch["facts"][k][0].numpy(), v, equal_nan=True)
-
-    torch.manual_seed(0)
-    hidden = torch.randn(3, batch["input_ids"].shape[1], spec.hidden_size, requires_grad=True)
-    loss = readout_loss(hidden, batch["prompt_end"], batch["has_facts"], batch["facts"],
-                        torch.nn.Linear(spec.hidden_size, FACT_LOGITS))
-    loss.backward()
-    reached = hidden.grad.abs().sum(-1) > 0
-    expected = torch.zeros_like(reached)
-    expected[0, batch["prompt_end"][0]] = expected[1, batch["prompt_end"][1]] = True
-    assert torch.equal(reached, expected)
-    # Seeded runs with and without the loss end with different text-model weights: it is trained on.
-    plain = train(_cfg(nano_models["smolvlm"], tmp_path / "plain", phantom, steps=2, checkpoint_every=0))
-    aux = train(_cfg(nano_models["smolvlm"], tmp_path / "aux", phantom, steps=2, checkpoint_every=0,
-                     readout_loss_weight=5.0))
-    a, b = _weights(plain), _weights(aux)
-    assert any(not np.array_equal(a[k], b[k]) for k in a if ".text_model." in k)
-
-
-def test_label_targets_of_a_question_equal_the_image_targets_of_its_case():
-    from training.phantom import generate, questions_for
-    from training.vision_pretrain import image_targets, label_targets
-
-    for case in generate(30, seed=5):
-        qa = questions_for(case, np.random.default_rng(0))[0]
-        want, got = image_targets(case), label_targets(json.loads(json.dumps(qa.label)))
-        assert all(np.array_equal(want[k], got[k], equal_nan=True) for k in want)
-    assert label_targets(None)["present"].sum() == 0
-
-
 def test_freeze_vision_keeps_the_tower_fixed_while_the_connector_and_text_model_train(nano_models, phantom, tmp_path):
     before = _weights(nano_models["smolvlm"])
     out = train(_cfg(nano_models["smolvlm"], tmp_path / "frozen", phantom, freeze_vision=True, checkpoint_every=0))

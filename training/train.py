@@ -30,7 +30,6 @@ from guard.head import GuardHeads
 from guard.preprocess import preprocess
 from guard.prompt import Prompter
 from guard.spec import HEADS_FILE, META_FILE, spec_from_hf_dir
-from training.vision_pretrain import FACT_LOGITS, facts_loss, label_targets
 from training.data import BLANK_IMAGE_NOTE, VqaExample, image_payload, load_examples, mix
 
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
@@ -89,12 +88,6 @@ class TrainConfig:
     """Weight of an auxiliary loss: a linear probe on the question's mean hidden states (the premise
     head's features) predicts whether the question is negative. It teaches the model to represent a
     false premise where the guard reads it; the probe itself is discarded (the heads are refit later)."""
-    readout_loss_weight: float = 0.0
-    """Weight of an auxiliary loss on PhantomVQA rows: a linear probe on the last prompt token's final
-    hidden state (where the answer starts) predicts the image's exact findings (each kind's presence,
-    side, zone, size and count, and the modality; `training.vision_pretrain.label_targets`). It asks the
-    text model to gather what the image shows where it answers; rows without PhantomVQA labels add
-    nothing, and the probe is discarded."""
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed (full mode: the connector and text model still train), e.g.
     after `training.vision_pretrain`; LoRA never touches the tower."""
@@ -117,8 +110,8 @@ class TrainConfig:
             raise ValueError("`data` is empty: give at least one MedHallTune-format file")
         if self.warmup_steps < 0:
             raise ValueError("`warmup_steps` must be >= 0")
-        if self.premise_loss_weight < 0 or self.readout_loss_weight < 0:
-            raise ValueError("`premise_loss_weight` and `readout_loss_weight` must be >= 0")
+        if self.premise_loss_weight < 0:
+            raise ValueError("`premise_loss_weight` must be >= 0")
 
 
 # --- data -------------------------------------------------------------------
@@ -164,11 +157,9 @@ class EncodedExamples:
         answer = self.prompter.encode_answer(ex.answer)[: self.max_answer_tokens] + [eos]
         start = question_start(np.array(prompt), self.prompter.spec.image_token_id)
         targets = [-100] * start + prompt[start:] if self.question_lm else [-100] * len(prompt)
-        label = ex.meta.get("label")
         return {"input_ids": prompt + answer, "labels": targets + answer, "pixels": self.pixels(ex),
                 "question": (start, len(prompt)),
-                "negative": float(ex.polarity == "negative"),
-                "facts": label_targets(label) if isinstance(label, dict) and "findings" in label else None}
+                "negative": float(ex.polarity == "negative")}
 
     def pixels(self, ex: VqaExample):
         key = str(ex.image_path) if ex.image_path else "<blank>"
@@ -184,8 +175,7 @@ def image_pixels(ex: VqaExample, preprocess_config):
 
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest sequence. -> input_ids/labels/attention_mask/question_mask [B, S],
-    pixels [B, 3, H, W], negative [B] (1.0 for a negative question), prompt_end [B] (the last prompt
-    token's index), facts (`label_targets` stacked; rows without labels have has_facts 0)."""
+    pixels [B, 3, H, W], negative [B] (1.0 for a negative question)."""
     import torch
 
     width = max(len(b["input_ids"]) for b in batch)
@@ -200,13 +190,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         mask[row, :n] = 1
         question[row, b["question"][0] : b["question"][1]] = 1.0
     pixels = torch.from_numpy(np.stack([b["pixels"] for b in batch]))
-    blank = label_targets(None)
-    facts = [b.get("facts") or blank for b in batch]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixels": pixels, "question_mask": question,
-            "negative": torch.tensor([b["negative"] for b in batch]),
-            "prompt_end": torch.tensor([b["question"][1] - 1 for b in batch]),
-            "has_facts": torch.tensor([b.get("facts") is not None for b in batch]),
-            "facts": {k: torch.from_numpy(np.stack([f[k] for f in facts])) for k in blank}}
+            "negative": torch.tensor([b["negative"] for b in batch])}
 
 
 def premise_loss(hidden_states, mid_layer: int, question_mask, negative, probe):
@@ -217,15 +202,6 @@ def premise_loss(hidden_states, mid_layer: int, question_mask, negative, probe):
     pooled = torch.cat([torch.einsum("bs,bsd->bd", w, hidden_states[mid_layer]),
                         torch.einsum("bs,bsd->bd", w, hidden_states[-1])], dim=-1)
     return torch.nn.functional.binary_cross_entropy_with_logits(probe(pooled)[:, 0], negative)
-
-
-def readout_loss(last_hidden, prompt_end, has_facts, facts: dict, probe):
-    """The readout probe's loss (`training.vision_pretrain.facts_loss`) at each labelled row's last prompt token."""
-    import torch
-
-    rows = torch.nonzero(has_facts).squeeze(1)
-    h = last_hidden[rows, prompt_end[rows]]  # [R, D]
-    return facts_loss(probe(h), {k: v[rows] for k, v in facts.items()})
 
 
 # --- the loop ---------------------------------------------------------------
@@ -261,12 +237,10 @@ def train(cfg: TrainConfig) -> Path:
     # 2) Model, optimizer, schedule.
     model = _trainable(load_model(cfg.model), cfg, family)
     probe = torch.nn.Linear(2 * spec.hidden_size, 1)  # the auxiliary premise probe; discarded after training
-    readout_probe = torch.nn.Linear(spec.hidden_size, FACT_LOGITS)  # the auxiliary readout probe; discarded too
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params + list(probe.parameters()) + list(readout_probe.parameters()), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params + list(probe.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps // 2), cfg.steps)
-    model, probe, readout_probe, opt, loader, sched = acc.prepare(model, probe, readout_probe, opt, loader, sched)
+    model, probe, opt, loader, sched = acc.prepare(model, probe, opt, loader, sched)
 
     # 3) Resume where an interrupted run stopped.
     step = _resume(acc, out)
@@ -278,16 +252,13 @@ def train(cfg: TrainConfig) -> Path:
     try:
         for batch in batches:
             t = time.perf_counter()
-            aux, readout = cfg.premise_loss_weight > 0, cfg.readout_loss_weight > 0 and bool(batch["has_facts"].any())
+            aux = cfg.premise_loss_weight > 0
             result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                           output_hidden_states=aux or readout, **family.pixel_kwargs(batch["pixels"]))
+                           output_hidden_states=aux, **family.pixel_kwargs(batch["pixels"]))
             loss = result.loss
             if aux:
                 loss = loss + cfg.premise_loss_weight * premise_loss(
                     result.hidden_states, spec.mid_layer, batch["question_mask"], batch["negative"], probe)
-            if readout:
-                loss = loss + cfg.readout_loss_weight * readout_loss(
-                    result.hidden_states[-1], batch["prompt_end"], batch["has_facts"], batch["facts"], readout_probe)
             acc.backward(loss)
             acc.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -445,9 +416,6 @@ def _add_arguments(p) -> None:
     p.add_argument("--premise-loss-weight", type=float, default=0.0,
                    help="weight of the auxiliary premise loss: a probe on the question's mean hidden states "
                         "predicts negative questions (default 0: off)")
-    p.add_argument("--readout-loss-weight", type=float, default=0.0,
-                   help="weight of the auxiliary readout loss on PhantomVQA rows: a probe on the last prompt "
-                        "token's hidden state predicts the image's exact findings (default 0: off)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-id", help="id written to medhallguard.json (default: the output folder's name)")
@@ -469,7 +437,6 @@ def config_from_args(args) -> TrainConfig:
                        lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
                        positive_only=args.positive_only, freeze_vision=args.freeze_vision, checkpoint_every=args.checkpoint_every, seed=args.seed,
                        model_id=args.model_id, premise_loss_weight=args.premise_loss_weight,
-                       readout_loss_weight=args.readout_loss_weight,
                        question_lm=args.question_lm)
 
 

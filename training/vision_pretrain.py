@@ -52,22 +52,16 @@ class VisionPretrainConfig:
 
 def image_targets(case: Case) -> dict[str, np.ndarray]:
     """Per-image labels; -1 / NaN where a label does not apply (the kind is absent, or not counted)."""
-    return label_targets({"modality": case.modality, "findings": [asdict(f) for f in case.findings]})
-
-
-def label_targets(label: dict | None) -> dict[str, np.ndarray]:
-    """`image_targets` from a PhantomVQA question's `label` (its `modality` and `findings`); None -> all
-    targets unset (modality 0, nothing present), for rows that carry no labels."""
     present, side, zone = np.zeros(_K, np.float32), np.full(_K, -1), np.full(_K, -1)
     size, count = np.full(_K, np.nan, np.float32), np.full(_K, -1)
-    for f in (label or {}).get("findings", ()):
-        k = FINDING_KINDS.index(f["kind"])
-        present[k], side[k], zone[k] = 1.0, SIDES.index(f["side"]), ZONES.index(f["zone"])
-        size[k] = f["size_mm"] / 30.0
-        if f["kind"] in COUNT_KINDS:
-            count[k] = f["count"] - 1
-    return {"modality": np.float32((label or {}).get("modality") == "axial CT"), "present": present, "side": side,
-            "zone": zone, "size": size, "count": count}
+    for f in case.findings:
+        k = FINDING_KINDS.index(f.kind)
+        present[k], side[k], zone[k] = 1.0, SIDES.index(f.side), ZONES.index(f.zone)
+        size[k] = f.size_mm / 30.0
+        if f.kind in COUNT_KINDS:
+            count[k] = f.count - 1
+    return {"modality": np.float32(case.modality == "axial CT"), "present": present, "side": side, "zone": zone,
+            "size": size, "count": count}
 
 
 def patch_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
@@ -79,17 +73,13 @@ def patch_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
     return out
 
 
-FACT_LOGITS = 1 + _K + _K + 3 * _K + _K + _MAX_COUNT * _K
-"""Logits of a probe that predicts `image_targets` (see `facts_loss`)."""
-
-
 class _Probes:
     """The discarded heads: image (flattened tokens), patch (vision width), token (text width)."""
 
     def __init__(self, n_tokens: int, text_dim: int, vision_dim: int):
         import torch
 
-        n_image = FACT_LOGITS
+        n_image = 1 + _K + _K + 3 * _K + _K + _MAX_COUNT * _K
         self.image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(n_tokens * text_dim),
                                          torch.nn.Linear(n_tokens * text_dim, n_image))
         self.patch = torch.nn.Linear(vision_dim, _K)
@@ -115,8 +105,7 @@ def _split_image_logits(z):
     return parts
 
 
-def facts_loss(z, t: dict):
-    """[B, FACT_LOGITS] logits against `image_targets` / `label_targets` stacked -> the summed loss."""
+def _image_loss(z, t: dict):
     import torch
     import torch.nn.functional as F
 
@@ -202,7 +191,7 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         h = vision(pixel_values=torch.from_numpy(pixels[idx])).last_hidden_state  # [B, P, Dv]
         feats = connector(h)  # [B, T, D]
         d = torch.from_numpy(dense[idx])
-        image_loss = facts_loss(probes.image(feats), t)
+        image_loss = _image_loss(probes.image(feats), t)
         patch_loss = F.binary_cross_entropy_with_logits(probes.patch(h), d, pos_weight=pos_weight)
         tok = probes.token(feats)
         token_loss = F.binary_cross_entropy_with_logits(tok[..., :_K], per_token(d).amax(2), pos_weight=pos_weight) \
