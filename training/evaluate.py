@@ -89,17 +89,22 @@ def phantom_rates(examples, judgements) -> dict:
     }
 
 
+def rate_key(polarity: str) -> str:
+    """The rate a question kind is scored by: accuracy for positive kinds, false-premise acceptance for negative."""
+    return "accuracy" if polarity == "positive" else "hallucination_rate"
+
+
 def rates_by_kind(examples, judgements) -> dict:
-    """Per question kind: accuracy (positive kinds) or false-premise acceptance (negative kinds), and counts."""
-    out: dict = {}
+    """Per question kind: its polarity, count and `rate_key` rate; positive kinds first, then by name."""
+    hits: dict[str, list[bool]] = {}
+    polarity: dict[str, str] = {}
     for e, j in zip(examples, judgements):
-        row = out.setdefault(e.meta["kind"], {"polarity": e.polarity, "n": 0, "_hits": 0})
-        row["n"] += 1
-        row["_hits"] += bool(j.correct if e.polarity == "positive" else j.accepted_false_premise)
-    for row in out.values():
-        key = "accuracy" if row["polarity"] == "positive" else "hallucination_rate"
-        row[key] = round(row.pop("_hits") / row["n"], 3)
-    return dict(sorted(out.items(), key=lambda kv: (kv[1]["polarity"] != "positive", kv[0])))
+        kind = e.meta["kind"]
+        polarity[kind] = e.polarity
+        hits.setdefault(kind, []).append(bool(j.correct if e.polarity == "positive" else j.accepted_false_premise))
+    order = sorted(hits, key=lambda k: (polarity[k] != "positive", k))
+    return {k: {"polarity": polarity[k], "n": len(hits[k]), rate_key(polarity[k]): round(sum(hits[k]) / len(hits[k]), 3)}
+            for k in order}
 
 
 def verdict_counts(responses) -> dict:
@@ -210,7 +215,7 @@ def render_markdown(r: dict) -> str:
     if "by_kind" in t:  # reports written before it have no breakdown
         rows += ["| PhantomVQA held-out, by question kind | n | tuned | baseline |", "|---|---|---|---|"]
         for kind, row in t["by_kind"].items():
-            key = "accuracy" if row["polarity"] == "positive" else "hallucination_rate"
+            key = rate_key(row["polarity"])
             base = b.get("by_kind", {}).get(kind, {}).get(key)
             rows.append(f"| {row['polarity']}: {kind} ({key.replace('_', ' ')}) | {row['n']} | {fmt(row[key])} | {fmt(base)} |")
         rows.append("")
