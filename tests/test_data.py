@@ -19,6 +19,7 @@ from training.data import (
     blank_image,
     load_examples,
     load_many,
+    group_by_length,
     mix,
     parse_scores,
     split_by_image,
@@ -325,6 +326,22 @@ def test_mix_repeats_a_source_smaller_than_its_share():
     mixed = mix([(small, 1.0), (big, 1.0)], 20, seed=0)
     counts = [sum(ex.id == e.id for ex in mixed) for e in small]
     assert sorted(counts) == [3, 3, 4]
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_example_once():
+    rng = __import__("random").Random(0)
+    lengths = [rng.choice([20, 60]) + rng.randrange(5) for _ in range(400)]  # two sources, short and long
+    order = group_by_length(lengths, batch_size=8, seed=0, window=10)
+    assert sorted(order) == list(range(400))
+
+    def padded(o):
+        return sum(8 * max(lengths[i] for i in o[j : j + 8]) for j in range(0, len(o), 8))
+
+    assert padded(order) < 0.8 * padded(list(range(400)))  # random order pads nearly every batch to ~60
+    assert order == group_by_length(lengths, batch_size=8, seed=0, window=10)
+    assert order != group_by_length(lengths, batch_size=8, seed=1, window=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        group_by_length(lengths, batch_size=0)
 
 
 def test_load_many_mixes_files_and_records_their_hashes(tmp_path):

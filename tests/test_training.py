@@ -45,9 +45,10 @@ def _weights(model_dir: Path) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(nano_models, phantom, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_an_interrupted_run_resumes_to_the_same_weights(nano_models, phantom, tmp_path, monkeypatch, group_by_length):
     model = nano_models["smolvlm"]
-    train(_cfg(model, tmp_path / "straight", phantom))
+    train(_cfg(model, tmp_path / "straight", phantom, group_by_length=group_by_length))
 
     real = train_mod._checkpoint
     calls = []
@@ -60,10 +61,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(nano_models, phantom, tm
 
     monkeypatch.setattr(train_mod, "_checkpoint", checkpoint_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(model, tmp_path / "resumed", phantom))
+        train(_cfg(model, tmp_path / "resumed", phantom, group_by_length=group_by_length))
     monkeypatch.setattr(train_mod, "_checkpoint", real)
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    train(_cfg(model, tmp_path / "resumed", phantom))
+    train(_cfg(model, tmp_path / "resumed", phantom, group_by_length=group_by_length))
 
     record = json.loads((tmp_path / "resumed" / "train_record.json").read_text())
     assert record["run"]["steps_this_run"] == 3  # only the steps after the checkpoint ran again

@@ -498,6 +498,25 @@ def mix(datasets: list[tuple[list[VqaExample], float]], n: int, seed: int = 0) -
     return picked
 
 
+def group_by_length(lengths: list[int], batch_size: int, seed: int = 0, window: int = 50) -> list[int]:
+    """A training order (a permutation of `range(len(lengths))`) whose consecutive batches of
+    `batch_size` hold examples of similar length, so that little of each batch is padding.
+
+    Each run of `window` batches is sorted by length and cut into batches; the batches are
+    then shuffled (seeded), so that long batches do not follow the order of the data. The
+    order depends only on the lengths and the seed: a resumed run sees the same batches.
+    """
+    if batch_size < 1 or window < 1:
+        raise ValueError(f"`batch_size` and `window` must be at least 1, got {batch_size} and {window}")
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(lengths), span):
+        chunk = sorted(range(start, min(start + span, len(lengths))), key=lambda i: (lengths[i], i))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return [i for b in batches for i in b]
+
+
 def _shares(weights: list[float], n: int) -> list[int]:
     exact = [n * w / sum(weights) for w in weights]
     counts = [int(x) for x in exact]

@@ -30,7 +30,7 @@ from guard.head import GuardHeads
 from guard.preprocess import preprocess
 from guard.prompt import Prompter
 from guard.spec import HEADS_FILE, META_FILE, spec_from_hf_dir
-from training.data import BLANK_IMAGE_NOTE, VqaExample, image_payload, load_examples, mix
+from training.data import BLANK_IMAGE_NOTE, VqaExample, group_by_length, image_payload, load_examples, mix
 
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                "chat_template.json", "chat_template.jinja")
@@ -77,6 +77,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     max_answer_tokens: int = 96
     """Longer reference answers are cut to this many tokens."""
+    group_by_length: bool = False
+    """Batch examples of similar token length together (`training.data.group_by_length`): less
+    padding, so faster steps when sources differ in length (MedHallTune's long answers)."""
     allow_missing_images: bool = False
     """Train rows whose image file is missing on a blank image (and say so in the record)."""
     positive_only: bool = False
@@ -146,20 +149,37 @@ class EncodedExamples:
         self.examples, self.prompter, self.max_answer_tokens = examples, prompter, max_answer_tokens
         self.question_lm = question_lm
         self._pixels: dict[str, object] = {}
+        self._encoded: dict[tuple[str, str], tuple] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        prompt = self.prompter.encode_prompt(ex.question).tolist()
-        eos = self.prompter.spec.eos_token_ids[0]
-        answer = self.prompter.encode_answer(ex.answer)[: self.max_answer_tokens] + [eos]
-        start = question_start(np.array(prompt), self.prompter.spec.image_token_id)
-        targets = [-100] * start + prompt[start:] if self.question_lm else [-100] * len(prompt)
-        return {"input_ids": prompt + answer, "labels": targets + answer, "pixels": self.pixels(ex),
-                "question": (start, len(prompt)),
+        ids, labels, question = self._tokens(ex)
+        return {"input_ids": ids, "labels": labels, "pixels": self.pixels(ex), "question": question,
                 "negative": float(ex.polarity == "negative")}
+
+    def length(self, i: int) -> int:
+        """Tokens in example `i`'s training sequence (prompt, image tokens and answer)."""
+        return len(self._tokens(self.examples[i])[0])
+
+    def reorder(self, order: list[int]) -> None:
+        """Serve the examples in `order` (a permutation of their indices)."""
+        if sorted(order) != list(range(len(self.examples))):
+            raise ValueError("`order` must be a permutation of the example indices")
+        self.examples = [self.examples[i] for i in order]
+
+    def _tokens(self, ex: VqaExample) -> tuple[list[int], list[int], tuple[int, int]]:
+        key = (ex.question, ex.answer)
+        if key not in self._encoded:  # questions repeat when a source is drawn more than once
+            prompt = self.prompter.encode_prompt(ex.question).tolist()
+            eos = self.prompter.spec.eos_token_ids[0]
+            answer = self.prompter.encode_answer(ex.answer)[: self.max_answer_tokens] + [eos]
+            start = question_start(np.array(prompt), self.prompter.spec.image_token_id)
+            targets = [-100] * start + prompt[start:] if self.question_lm else [-100] * len(prompt)
+            self._encoded[key] = (prompt + answer, targets + answer, (start, len(prompt)))
+        return self._encoded[key]
 
     def pixels(self, ex: VqaExample):
         key = str(ex.image_path) if ex.image_path else "<blank>"
@@ -230,9 +250,11 @@ def train(cfg: TrainConfig) -> Path:
     for note in data_record["notes"]:
         acc.print(note)
     examples = mix(parts, cfg.steps * cfg.batch_size * acc.num_processes, seed=cfg.seed)
+    dataset = EncodedExamples(examples, prompter, cfg.max_answer_tokens, cfg.question_lm)
+    if cfg.group_by_length:
+        dataset.reorder(group_by_length([dataset.length(i) for i in range(len(dataset))], cfg.batch_size, seed=cfg.seed))
     pad_id = spec.eos_token_ids[0]  # padded positions are masked out of attention and loss
-    loader = DataLoader(EncodedExamples(examples, prompter, cfg.max_answer_tokens, cfg.question_lm), batch_size=cfg.batch_size,
-                        shuffle=False, collate_fn=lambda b: collate(b, pad_id))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id))
 
     # 2) Model, optimizer, schedule.
     model = _trainable(load_model(cfg.model), cfg, family)
@@ -413,6 +435,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--positive-only", action="store_true", help="drop negative questions (the baseline recipe)")
     p.add_argument("--question-lm", action="store_true",
                    help="also train next-token prediction on the question's tokens (the premise head reads their states)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together: less padding, faster steps on mixed sources")
     p.add_argument("--premise-loss-weight", type=float, default=0.0,
                    help="weight of the auxiliary premise loss: a probe on the question's mean hidden states "
                         "predicts negative questions (default 0: off)")
@@ -437,7 +461,7 @@ def config_from_args(args) -> TrainConfig:
                        lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
                        positive_only=args.positive_only, freeze_vision=args.freeze_vision, checkpoint_every=args.checkpoint_every, seed=args.seed,
                        model_id=args.model_id, premise_loss_weight=args.premise_loss_weight,
-                       question_lm=args.question_lm)
+                       question_lm=args.question_lm, group_by_length=args.group_by_length)
 
 
 def _run(args) -> int:
