@@ -189,6 +189,33 @@ def test_freeze_vision_keeps_the_tower_fixed_while_the_connector_and_text_model_
     assert any(".connector." in k for k in moved) and any(".text_model." in k for k in moved)
 
 
+def test_the_tower_cache_trains_to_the_same_weights_as_running_the_tower_every_step(nano_models, phantom, tmp_path):
+    kw = dict(freeze_vision=True, checkpoint_every=0, steps=8, group_by_length=True)
+    cached = train(_cfg(nano_models["smolvlm"], tmp_path / "cached", phantom, **kw))
+    direct = train(_cfg(nano_models["smolvlm"], tmp_path / "direct", phantom, tower_cache_mb=0, **kw))
+    record = json.loads((cached / "train_record.json").read_text())["run"]
+    assert record["tower_cache"]["images"] > 0  # images recur over 8 steps of 4: some came from the cache
+    assert json.loads((direct / "train_record.json").read_text())["run"]["tower_cache"] is None
+    a, b = _weights(cached), _weights(direct)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def test_the_tower_cache_stores_no_more_than_its_limit(nano_models):
+    import torch
+
+    from guard.backends.torch_backend import load_model
+
+    model = load_model(nano_models["smolvlm"])
+    n_image = spec_from_hf_dir(nano_models["smolvlm"]).num_image_tokens
+    cache = train_mod.TowerCache(model, max_mb=0.001)  # ~1 KiB: smaller than one image's states
+    ids = torch.full((2, n_image + 3), 5)
+    ids[:, 1 : 1 + n_image] = model.config.image_token_id
+    emb = cache.inputs_embeds(ids, torch.randn(2, 3, 64, 64), ["a", "b"])
+    assert emb.shape == (2, n_image + 3, model.config.text_config.hidden_size)
+    assert cache.states == {} and cache.bytes == 0  # computed, used, not stored
+
+
 def test_vision_pretraining_changes_only_the_tower_and_connector_and_reports_held_out_probes(nano_models, phantom,
                                                                                             tmp_path):
     from training.vision_pretrain import VisionPretrainConfig, pretrain_vision

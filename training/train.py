@@ -94,6 +94,9 @@ class TrainConfig:
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed (full mode: the connector and text model still train), e.g.
     after `training.vision_pretrain`; LoRA never touches the tower."""
+    tower_cache_mb: float = 2048
+    """With `freeze_vision`, keep up to this much of the fixed tower's outputs in memory so that each
+    image goes through the tower once (`TowerCache`; one process, SmolVLM). 0 turns it off."""
     merge: bool = True
     """LoRA: merge adapters into the weights so the output serves as is; otherwise save the adapter only."""
     checkpoint_every: int = 100
@@ -157,8 +160,8 @@ class EncodedExamples:
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
         ids, labels, question = self._tokens(ex)
-        return {"input_ids": ids, "labels": labels, "pixels": self.pixels(ex), "question": question,
-                "negative": float(ex.polarity == "negative")}
+        return {"input_ids": ids, "labels": labels, "pixels": self.pixels(ex), "image": self.image_key(ex),
+                "question": question, "negative": float(ex.polarity == "negative")}
 
     def length(self, i: int) -> int:
         """Tokens in example `i`'s training sequence (prompt, image tokens and answer)."""
@@ -181,8 +184,12 @@ class EncodedExamples:
             self._encoded[key] = (prompt + answer, targets + answer, (start, len(prompt)))
         return self._encoded[key]
 
+    @staticmethod
+    def image_key(ex: VqaExample) -> str:
+        return str(ex.image_path) if ex.image_path else "<blank>"
+
     def pixels(self, ex: VqaExample):
-        key = str(ex.image_path) if ex.image_path else "<blank>"
+        key = self.image_key(ex)
         if key not in self._pixels:  # images repeat across questions: decode each once
             self._pixels[key] = image_pixels(ex, self.prompter.spec.preprocess)
         return self._pixels[key]
@@ -195,7 +202,7 @@ def image_pixels(ex: VqaExample, preprocess_config):
 
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest sequence. -> input_ids/labels/attention_mask/question_mask [B, S],
-    pixels [B, 3, H, W], negative [B] (1.0 for a negative question)."""
+    pixels [B, 3, H, W], negative [B] (1.0 for a negative question), images (each row's image key)."""
     import torch
 
     width = max(len(b["input_ids"]) for b in batch)
@@ -211,7 +218,52 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         question[row, b["question"][0] : b["question"][1]] = 1.0
     pixels = torch.from_numpy(np.stack([b["pixels"] for b in batch]))
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixels": pixels, "question_mask": question,
-            "negative": torch.tensor([b["negative"] for b in batch])}
+            "negative": torch.tensor([b["negative"] for b in batch]), "images": [b.get("image") for b in batch]}
+
+
+class TowerCache:
+    """A fixed vision tower's output per image, computed once and reused every time the image recurs.
+
+    With `freeze_vision` the tower is a pure function of the pixels, so its forward pass on an
+    image seen before is wasted work (for the default recipe, about a fifth of each step). The
+    connector and text model still run, and train, on every step. Only SmolVLM (Idefics3) splits
+    this way; images past `max_mb` of cached states are computed each time, not stored.
+    """
+
+    def __init__(self, model, max_mb: float):
+        inner = model.model
+        self.tower, self.connector, self.image_token_id = inner.vision_model, inner.connector, model.config.image_token_id
+        self.embed = model.get_input_embeddings()
+        self.max_bytes, self.bytes, self.states = max_mb * 2**20, 0, {}
+
+    @staticmethod
+    def supported(model, cfg: "TrainConfig", num_processes: int) -> bool:
+        # several processes: DDP must see every trained weight used inside its own forward, so the
+        # connector and embeddings cannot run outside it
+        return cfg.freeze_vision and cfg.tower_cache_mb > 0 and num_processes == 1 \
+            and model.config.model_type == "idefics3"
+
+    def _tower(self, pixels, keys: list[str]):
+        import torch
+
+        missing = [i for i, k in enumerate(keys) if k not in self.states]
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                out = self.tower(pixel_values=pixels[missing]).last_hidden_state
+            for i, h in zip(missing, out):
+                fresh[keys[i]] = h
+                if self.bytes + h.numel() * h.element_size() <= self.max_bytes:
+                    self.states[keys[i]] = h
+                    self.bytes += h.numel() * h.element_size()
+        return torch.stack([self.states.get(k, fresh.get(k)) for k in keys])
+
+    def inputs_embeds(self, input_ids, pixels, keys: list[str]):
+        """Token embeddings with the image slots filled, as the model's own forward fills them."""
+        feats = self.connector(self._tower(pixels, keys))  # [B, T_img, D]
+        emb = self.embed(input_ids).clone()
+        emb[input_ids == self.image_token_id] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
+        return emb
 
 
 def premise_loss(hidden_states, mid_layer: int, question_mask, negative, probe):
@@ -257,7 +309,9 @@ def train(cfg: TrainConfig) -> Path:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id))
 
     # 2) Model, optimizer, schedule.
-    model = _trainable(load_model(cfg.model), cfg, family)
+    base = load_model(cfg.model)
+    tower_cache = TowerCache(base, cfg.tower_cache_mb) if TowerCache.supported(base, cfg, acc.num_processes) else None
+    model = _trainable(base, cfg, family)
     probe = torch.nn.Linear(2 * spec.hidden_size, 1)  # the auxiliary premise probe; discarded after training
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params + list(probe.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -275,8 +329,11 @@ def train(cfg: TrainConfig) -> Path:
         for batch in batches:
             t = time.perf_counter()
             aux = cfg.premise_loss_weight > 0
-            result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                           output_hidden_states=aux, **family.pixel_kwargs(batch["pixels"]))
+            if tower_cache is not None:
+                inputs = {"inputs_embeds": tower_cache.inputs_embeds(batch["input_ids"], batch["pixels"], batch["images"])}
+            else:
+                inputs = {"input_ids": batch["input_ids"], **family.pixel_kwargs(batch["pixels"])}
+            result = model(**inputs, attention_mask=batch["attention_mask"], labels=batch["labels"], output_hidden_states=aux)
             loss = result.loss
             if aux:
                 loss = loss + cfg.premise_loss_weight * premise_loss(
@@ -316,6 +373,8 @@ def train(cfg: TrainConfig) -> Path:
             "num_processes": acc.num_processes,
             "distributed": f"{acc.distributed_type.value}:{acc.state.backend}" if acc.num_processes > 1 else "no",
             "trainable_params": sum(p.numel() for p in params),
+            "tower_cache": {"images": len(tower_cache.states), "mb": round(tower_cache.bytes / 2**20, 1)}
+            if tower_cache is not None else None,
         })
     acc.wait_for_everyone()
     return out
