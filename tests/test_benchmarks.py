@@ -112,3 +112,24 @@ def test_serving_smoke_reports_each_level_the_grpc_overhead_and_the_batching_cei
     assert [b["amdahl_ceiling"] for b in saved["batching"]] == [c["amdahl_ceiling"]]
     for ref in (r for r in lines if r["event"] == "reference_answer_tokens"):  # where ../shared/data is
         assert ref["positive"]["n"] > 0 and ref["positive"]["p50"] > 0 and ref["negative"]["p50"] > 0
+
+
+def test_train_step_smoke_reports_padding_and_each_variant(nano_models, tmp_path):
+    import shutil
+
+    from training.phantom import write_dataset
+
+    root = tmp_path / "build"
+    write_dataset(root / "data" / "phantom", n_images=12, seed=0)
+    (root / "data" / "medhalltune").mkdir(parents=True)
+    shutil.copy(root / "data" / "phantom" / "train.json", root / "data" / "medhalltune" / "train.json")
+    shutil.copytree(nano_models["smolvlm"], root / "init")
+    lines = _run("train_step", ["--build-root", str(root)], tmp_path)
+    runs = [r for r in lines if r["event"] == "run"]
+    assert [r["variant"] for r in runs] == ["plain", "grouped", "grouped + tower cache"]
+    assert all(_number(r["ms_per_step"]) for r in runs)
+    assert runs[0]["tower_cache"] is None and runs[2]["tower_cache"]["misses"] > 0
+    data = json.loads((tmp_path / "out" / "train_step.json").read_text())
+    pad = data["padded_tokens"]
+    assert pad["real"] <= pad["grouped"] <= pad["plain"]
+    assert "speed-up vs plain" in (tmp_path / "out" / "train_step.md").read_text()

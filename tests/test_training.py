@@ -194,7 +194,9 @@ def test_the_tower_cache_trains_to_the_same_weights_as_running_the_tower_every_s
     cached = train(_cfg(nano_models["smolvlm"], tmp_path / "cached", phantom, **kw))
     direct = train(_cfg(nano_models["smolvlm"], tmp_path / "direct", phantom, tower_cache_mb=0, **kw))
     record = json.loads((cached / "train_record.json").read_text())["run"]
-    assert record["tower_cache"]["images"] > 0  # images recur over 8 steps of 4: some came from the cache
+    cache = record["tower_cache"]
+    assert cache["images"] > 0 and cache["hits"] > 0  # images recur over 8 steps of 4: some came from the cache
+    assert cache["hits"] + cache["misses"] == 8 * 4
     assert json.loads((direct / "train_record.json").read_text())["run"]["tower_cache"] is None
     a, b = _weights(cached), _weights(direct)
     for k in a:

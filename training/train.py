@@ -235,6 +235,7 @@ class TowerCache:
         self.tower, self.connector, self.image_token_id = inner.vision_model, inner.connector, model.config.image_token_id
         self.embed = model.get_input_embeddings()
         self.max_bytes, self.bytes, self.states = max_mb * 2**20, 0, {}
+        self.hits = self.misses = 0
 
     @staticmethod
     def supported(model, cfg: "TrainConfig", num_processes: int) -> bool:
@@ -247,6 +248,7 @@ class TowerCache:
         import torch
 
         missing = [i for i, k in enumerate(keys) if k not in self.states]
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
         fresh = {}
         if missing:
             with torch.no_grad():
@@ -373,7 +375,8 @@ def train(cfg: TrainConfig) -> Path:
             "num_processes": acc.num_processes,
             "distributed": f"{acc.distributed_type.value}:{acc.state.backend}" if acc.num_processes > 1 else "no",
             "trainable_params": sum(p.numel() for p in params),
-            "tower_cache": {"images": len(tower_cache.states), "mb": round(tower_cache.bytes / 2**20, 1)}
+            "tower_cache": {"images": len(tower_cache.states), "mb": round(tower_cache.bytes / 2**20, 1),
+                            "hits": tower_cache.hits, "misses": tower_cache.misses}
             if tower_cache is not None else None,
         })
     acc.wait_for_everyone()
