@@ -8,9 +8,12 @@ The recipe, end to end on CPU:
      trained on the training text only; its vision tower is pretrained on the
      PhantomVQA training images' exact findings (`training/vision_pretrain.py`),
      as real VLMs start from a pretrained encoder.
-  4) Full training of the connector and text model (the tower stays fixed) on PhantomVQA + MedHallTune (train parts), with next-token loss on
-     the question's tokens too: the tuned model.
-     The same recipe without negative questions: the baseline ("before tuning").
+  4) Full training of the connector and text model (the tower stays fixed) on
+     PhantomVQA + MedHallTune (train parts), with next-token loss on the
+     question's tokens too. First a shared phase on positive questions only
+     (`base_steps`: the medical VLM before MedHallTune), then two continuations
+     of `steps` each: with the negative questions, the tuned model; without
+     them, the baseline ("before tuning": the same recipe without negatives).
   5) Guard heads fitted on the tuned model's own hidden states: p(hallucination)
      on exact labels of both models' generated answers, the four scores on
      LLaVA-Med's GPT-4o-scored answers, the premise head on question polarity.

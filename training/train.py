@@ -256,7 +256,7 @@ class TowerCache:
             for i, h in zip(missing, out):
                 fresh[keys[i]] = h
                 if self.bytes + h.numel() * h.element_size() <= self.max_bytes:
-                    self.states[keys[i]] = h
+                    self.states[keys[i]] = h.clone()  # a view would keep its whole batch alive
                     self.bytes += h.numel() * h.element_size()
         return torch.stack([self.states.get(k, fresh.get(k)) for k in keys])
 
