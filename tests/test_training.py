@@ -288,3 +288,17 @@ def test_cv_pick_fits_only_train_rows_and_scores_each_part_alike():
     best, value = _cv_pick(Recorder, [1, 2], x, y, groups, score, folds=3, train_rows=train_rows, score_by=parts)
     assert all(not ({0, 1, 2, 3} & rows) for rows in seen)
     assert value == 0.5
+
+
+def test_build_default_set_overrides_typed_recipe_fields_and_rejects_unknown_ones(capsys):
+    from training.build_default import DefaultRecipe, recipe_with
+
+    r = recipe_with(["steps=1300", "seed=1", "group_by_length=false", "lr=1e-3"])
+    assert (r.steps, r.seed, r.group_by_length, r.lr) == (1300, 1, False, 1e-3)
+    assert recipe_with([]) == DefaultRecipe()
+    with pytest.raises(ValueError, match="FIELD one of"):
+        recipe_with(["stepz=3"])
+    with pytest.raises(ValueError, match="steps takes a int value"):
+        recipe_with(["steps=many"])
+    assert subprocess.run([sys.executable, "-m", "server.cli", "build-default", "--set", "seed=1"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.count("give it its own --out folder") == 1

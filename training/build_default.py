@@ -282,20 +282,54 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, help="build folder (default: $MEDHALLGUARD_CACHE/default-build)")
     p.add_argument("--medhalltune-dir", type=Path, default=DEFAULT_MEDHALLTUNE_DIR, help="folder with the MedHallTune JSONL files")
     p.add_argument("--force", action="store_true", help="rebuild even if the cached default model exists")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="change one field of the recipe (DefaultRecipe), e.g. --set seed=1 --set steps=1300; "
+                        "repeatable. Needs --out: the cached default model is built only from the recipe as it is")
     p.add_argument("--heads-only", action="store_true",
                    help="refit only the guard heads of an existing build (its tuned and baseline models and data), "
                         "e.g. after the heads' features change; publishes them to the default model when --out is not given")
     p.set_defaults(func=_run)
 
 
+def recipe_with(overrides: list[str]) -> DefaultRecipe:
+    """DefaultRecipe with `FIELD=VALUE` overrides, each value parsed as its field's type."""
+    from dataclasses import fields, replace
+
+    types = {f.name: f.type for f in fields(DefaultRecipe)}
+    changes = {}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        kind = types[name] if isinstance(types[name], str) else types[name].__name__
+        try:
+            if kind == "bool":
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                changes[name] = text.lower() in ("true", "1")
+            else:
+                changes[name] = {"int": int, "float": float}[kind](text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {name} takes a {kind} value") from None
+    return replace(DefaultRecipe(), **changes)
+
+
 def _run(args) -> int:
+    try:
+        recipe = recipe_with(args.overrides)
+    except ValueError as e:
+        print(f"medhallguard build-default: {e}")
+        return 2
+    if args.overrides and (args.out is None or args.heads_only):
+        print("medhallguard build-default: --set builds a variant; give it its own --out folder (and no --heads-only)")
+        return 2
     root = args.out or cache_root() / "default-build"
     if args.heads_only:
         return _refit_heads(root, publish=args.out is None)
     if not args.force and args.out is None and (default_model_dir() / "guard_heads.safetensors").is_file():
         print(f"the default model exists at {default_model_dir()}; pass --force to rebuild")
         return 0
-    record = build_default(root, medhalltune_dir=args.medhalltune_dir)
+    record = build_default(root, recipe, medhalltune_dir=args.medhalltune_dir)
     if args.out is None:
         _publish(root / "tuned", default_model_dir())
     print(json.dumps(record["timings_s"]))
