@@ -10,7 +10,7 @@ On the default recipe's data (PhantomVQA + MedHallTune training rows of a
 
 The cache's gain grows with the run's length: an image's tower output is reused
 only once the image recurs. The report gives each cached run's hit rate; the
-recipe's 1,300 steps draw each PhantomVQA training image about four times.
+recipe's 2,000 steps draw each PhantomVQA training image about six times.
 """
 
 from __future__ import annotations
