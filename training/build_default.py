@@ -10,10 +10,11 @@ The recipe, end to end on CPU:
      as real VLMs start from a pretrained encoder.
   4) Full training of the connector and text model (the tower stays fixed) on
      PhantomVQA + MedHallTune (train parts), with next-token loss on the
-     question's tokens too. First a shared phase on positive questions only
-     (`base_steps`: the medical VLM before MedHallTune), then two continuations
-     of `steps` each: with the negative questions, the tuned model; without
-     them, the baseline ("before tuning": the same recipe without negatives).
+     question's tokens too, `steps` each: with the negative questions, the
+     tuned model; without them, the baseline ("before tuning": the same recipe
+     without negatives). Rows are batched by length, and each image goes
+     through the fixed tower once. (`base_steps` can put a shared phase on
+     positive questions only before both; measured, it is off by default.)
   5) Guard heads fitted on the tuned model's own hidden states: p(hallucination)
      on exact labels of both models' generated answers, the four scores on
      LLaVA-Med's GPT-4o-scored answers, the premise head on question polarity.
@@ -308,7 +309,7 @@ def recipe_with(overrides: list[str]) -> DefaultRecipe:
                     raise ValueError(text)
                 changes[name] = text.lower() in ("true", "1")
             else:
-                changes[name] = {"int": int, "float": float}[kind](text)
+                changes[name] = {"int": int, "float": float, "str": str}[kind](text)
         except ValueError:
             raise ValueError(f"--set {item!r}: {name} takes a {kind} value") from None
     return replace(DefaultRecipe(), **changes)
