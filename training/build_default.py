@@ -48,6 +48,8 @@ class DefaultRecipe:
     image_size: int = 64
     vision_steps: int = 600
     """Vision pretraining steps (batch 64), shared by the tuned model and the baseline."""
+    vision_dense_weight: float = 1.0
+    """The per-patch loss's weight in vision pretraining (`VisionPretrainConfig.dense_weight`)."""
     freeze_vision: bool = True
     """Keep the pretrained tower fixed while the text model learns to answer."""
     base_steps: int = 0
@@ -133,8 +135,8 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     init_model("smolvlm", "nano", init_dir, seed=recipe.seed,
                corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"])
     lap("init")
-    vision = pretrain_vision(init_dir, data / "phantom", VisionPretrainConfig(steps=recipe.vision_steps, seed=recipe.seed),
-                             log=log) if recipe.vision_steps else None
+    vision_cfg = VisionPretrainConfig(steps=recipe.vision_steps, dense_weight=recipe.vision_dense_weight, seed=recipe.seed)
+    vision = pretrain_vision(init_dir, data / "phantom", vision_cfg, log=log) if recipe.vision_steps else None
     lap("vision")
 
     # 4) Tuned and baseline models.
