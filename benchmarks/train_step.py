@@ -31,17 +31,13 @@ VARIANTS = {"plain": dict(group_by_length=False, tower_cache_mb=0),
 
 
 def _config(root: Path, out: Path, steps: int, **kw):
-    from training.build_default import DefaultRecipe
-    from training.train import DataSource, TrainConfig
+    """The default recipe's tuned-model config on `root`'s data and initial model, with `kw` changed."""
+    from dataclasses import replace
 
-    recipe = DefaultRecipe()
-    data = root / "data"
-    return TrainConfig(model=str(root / "init"), out=str(out), mode="full", steps=steps, batch_size=recipe.batch_size,
-                       lr=recipe.lr, warmup_steps=min(50, steps // 10), allow_missing_images=True,
-                       data=(DataSource(str(data / "phantom" / "train.json"), 1 - recipe.medhalltune_weight),
-                             DataSource(str(data / "medhalltune" / "train.json"), recipe.medhalltune_weight)),
-                       freeze_vision=True, checkpoint_every=0, question_lm=recipe.question_lm,
-                       max_answer_tokens=recipe.max_answer_tokens, show_progress=False, **kw)
+    from training.build_default import DefaultRecipe, recipe_train_config
+
+    cfg = recipe_train_config(DefaultRecipe(), root / "data", root / "init", out, steps, positive_only=False)
+    return replace(cfg, show_progress=False, **kw)
 
 
 def padded_tokens(root: Path) -> dict:

@@ -104,7 +104,7 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     from training.data import load_examples, split_by_image, write_llava_json
     from training.init_model import init_model
     from training.phantom import write_dataset
-    from training.train import DataSource, TrainConfig, train
+    from training.train import train
     from training.vision_pretrain import VisionPretrainConfig, pretrain_vision
 
     out_root.mkdir(parents=True, exist_ok=True)
@@ -141,18 +141,8 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     lap("vision")
 
     # 4) Tuned and baseline models.
-    sources = (DataSource(str(data / "phantom" / "train.json"), 1.0 - recipe.medhalltune_weight),
-               DataSource(str(data / "medhalltune" / "train.json"), recipe.medhalltune_weight))
-    sources = tuple(s for s in sources if s.weight > 0)
-
     def run(name: str, start: Path, steps: int, positive_only: bool) -> Path:
-        return train(TrainConfig(model=str(start), out=str(out_root / name), data=sources, mode="full",
-                                 steps=steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                                 warmup_steps=min(50, steps // 10), allow_missing_images=True,
-                                 positive_only=positive_only, freeze_vision=recipe.freeze_vision, checkpoint_every=0,
-                                 seed=recipe.seed, premise_loss_weight=0.0 if positive_only else recipe.premise_loss_weight,
-                                 question_lm=recipe.question_lm, max_answer_tokens=recipe.max_answer_tokens,
-                                 group_by_length=recipe.group_by_length, model_id=f"medhallguard-smolvlm-nano-{name}"))
+        return train(recipe_train_config(recipe, data, start, out_root / name, steps, positive_only))
 
     start = init_dir
     if recipe.base_steps:
@@ -170,6 +160,22 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
               "vision_pretraining": vision, "head_calibration": metrics, "medhalltune_rows": {k: len(v) for k, v in mht.items()}}
     (out_root / "build_record.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def recipe_train_config(recipe: DefaultRecipe, data: Path, start: Path, out: Path, steps: int, positive_only: bool):
+    """The recipe's `TrainConfig` for one model: `data` is a build's data folder, `start` the model it
+    trains from; positive_only gives the baseline's."""
+    from training.train import DataSource, TrainConfig
+
+    sources = (DataSource(str(data / "phantom" / "train.json"), 1.0 - recipe.medhalltune_weight),
+               DataSource(str(data / "medhalltune" / "train.json"), recipe.medhalltune_weight))
+    return TrainConfig(model=str(start), out=str(out), data=tuple(s for s in sources if s.weight > 0), mode="full",
+                       steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=min(50, steps // 10),
+                       allow_missing_images=True, positive_only=positive_only, freeze_vision=recipe.freeze_vision,
+                       checkpoint_every=0, seed=recipe.seed,
+                       premise_loss_weight=0.0 if positive_only else recipe.premise_loss_weight,
+                       question_lm=recipe.question_lm, max_answer_tokens=recipe.max_answer_tokens,
+                       group_by_length=recipe.group_by_length, model_id=f"medhallguard-smolvlm-nano-{Path(out).name}")
 
 
 def _medhalltune(root: Path, seed: int) -> dict:
@@ -305,14 +311,14 @@ def recipe_with(overrides: list[str]) -> DefaultRecipe:
         name, sep, text = item.partition("=")
         if not sep or name not in types:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
-        kind = types[name] if isinstance(types[name], str) else types[name].__name__
+        kind = types[name]  # a string: this module postpones annotations
         try:
             if kind == "bool":
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(text)
                 changes[name] = text.lower() in ("true", "1")
             else:
-                changes[name] = {"int": int, "float": float, "str": str}[kind](text)
+                changes[name] = {"int": int, "float": float}[kind](text)
         except ValueError:
             raise ValueError(f"--set {item!r}: {name} takes a {kind} value") from None
     return replace(DefaultRecipe(), **changes)

@@ -34,11 +34,14 @@ class TorchModel:
 
 def _embeds(tm: TorchModel, ids, pixels):
     """ids [B, S] (with image slots), pixels [B, 3, H, W] -> inputs_embeds [B, S, D]."""
-    emb = tm.model.get_input_embeddings()(ids)
-    feats = tm.family.image_features(tm.model, pixels)  # [B, T_img, D]
-    slots = ids == tm.spec.image_token_id
-    emb = emb.clone()
-    emb[slots] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
+    return fill_image_slots(tm.model, ids, tm.family.image_features(tm.model, pixels), tm.spec.image_token_id)
+
+
+def fill_image_slots(model, ids, feats, image_token_id: int):
+    """Token embeddings of `ids` [B, S] with the image slots filled by `feats` [B, T_img, D], as the
+    model's own forward fills them."""
+    emb = model.get_input_embeddings()(ids).clone()
+    emb[ids == image_token_id] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
     return emb
 
 

@@ -231,9 +231,7 @@ class TowerCache:
     """
 
     def __init__(self, model, max_mb: float):
-        inner = model.model
-        self.tower, self.connector, self.image_token_id = inner.vision_model, inner.connector, model.config.image_token_id
-        self.embed = model.get_input_embeddings()
+        self.model, self.tower, self.connector = model, family_for("idefics3").vision_tower(model), model.model.connector
         self.max_bytes, self.bytes, self.states = max_mb * 2**20, 0, {}
         self.hits = self.misses = 0
 
@@ -247,25 +245,25 @@ class TowerCache:
     def _tower(self, pixels, keys: list[str]):
         import torch
 
-        missing = [i for i, k in enumerate(keys) if k not in self.states]
+        rows = [self.states.get(k) for k in keys]
+        missing = [i for i, h in enumerate(rows) if h is None]
         self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
-        fresh = {}
         if missing:
             with torch.no_grad():
                 out = self.tower(pixel_values=pixels[missing]).last_hidden_state
             for i, h in zip(missing, out):
-                fresh[keys[i]] = h
+                rows[i] = h
                 if self.bytes + h.numel() * h.element_size() <= self.max_bytes:
                     self.states[keys[i]] = h.clone()  # a view would keep its whole batch alive
                     self.bytes += h.numel() * h.element_size()
-        return torch.stack([self.states.get(k, fresh.get(k)) for k in keys])
+        return torch.stack(rows)
 
     def inputs_embeds(self, input_ids, pixels, keys: list[str]):
-        """Token embeddings with the image slots filled, as the model's own forward fills them."""
-        feats = self.connector(self._tower(pixels, keys))  # [B, T_img, D]
-        emb = self.embed(input_ids).clone()
-        emb[input_ids == self.image_token_id] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
-        return emb
+        """Token embeddings with the image slots filled (`training.features.fill_image_slots`)."""
+        from training.features import fill_image_slots
+
+        return fill_image_slots(self.model, input_ids, self.connector(self._tower(pixels, keys)),
+                                self.model.config.image_token_id)
 
 
 def premise_loss(hidden_states, mid_layer: int, question_mask, negative, probe):
