@@ -203,6 +203,40 @@ def test_the_tower_cache_trains_to_the_same_weights_as_running_the_tower_every_s
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
 
 
+def test_runs_trained_side_by_side_reach_the_same_weights_as_each_run_alone(nano_models, phantom, tmp_path,
+                                                                           monkeypatch):
+    import torch
+
+    monkeypatch.setattr(train_mod, "usable_cores", lambda: 2)  # the two-process path, whatever the runner has
+    model = nano_models["smolvlm"]
+    cfgs = [_cfg(model, tmp_path / "tuned", phantom, checkpoint_every=0),
+            _cfg(model, tmp_path / "baseline", phantom, checkpoint_every=0, positive_only=True)]
+    outs = train_mod.train_side_by_side(cfgs)
+    assert outs == [tmp_path / "tuned", tmp_path / "baseline"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each side-by-side run had one of the two cores
+    try:
+        alone = [train(dataclasses.replace(c, out=str(tmp_path / f"alone-{i}"))) for i, c in enumerate(cfgs)]
+    finally:
+        torch.set_num_threads(threads)
+    for side, single in zip(outs, alone):
+        a, b = _weights(side), _weights(single)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    assert not np.array_equal(_weights(outs[0])["model.text_model.embed_tokens.weight"],
+                              _weights(outs[1])["model.text_model.embed_tokens.weight"])  # two different runs
+
+
+def test_side_by_side_trains_one_run_after_the_other_when_there_are_fewer_cores_than_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(train_mod, "usable_cores", lambda: 1)
+    ran = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg: ran.append(cfg.out) or Path(cfg.out))
+    cfgs = [TrainConfig(model="m", out=str(tmp_path / name), data=(DataSource("d.json"),)) for name in ("a", "b")]
+    assert train_mod.train_side_by_side(cfgs) == [tmp_path / "a", tmp_path / "b"]
+    assert ran == [str(tmp_path / "a"), str(tmp_path / "b")]  # in this process, in order
+
+
 def test_the_tower_cache_stores_no_more_than_its_limit(nano_models):
     import torch
 
