@@ -61,10 +61,13 @@ class DefaultRecipe:
     Measured (1,300 shared + 1,300 each, and 1,300 + 1,600): positive accuracy 0.734 / 0.738, but
     the premise head fell below TF-IDF's 0.942 (0.944 / 0.933; 0.919 with a ×5 patch-loss tower):
     the question states learn PhantomVQA's wording first. So the recipe does not use it."""
-    steps: int = 2600
-    """Optimizer steps for each of the tuned and baseline models (after `base_steps`). 1,300 before
-    `group_by_length` and the frozen tower's cache made steps faster; 2,000 before the two models
-    trained side by side (`train_side_by_side`)."""
+    steps: int = 2000
+    """Optimizer steps for each of the tuned and baseline models (after `base_steps`); 1,300 before
+    `group_by_length` and the frozen tower's cache made steps faster. Measured at 2,600 (which side by
+    side training fits in 801 s): positive accuracy 0.762 and 0.671 for seeds 0 and 1, against 0.727
+    and 0.636, every other target held; but seed 0's int8 bundle failed the export parity gate (one
+    of 8 verdicts flipped: int8 moved a guard output across its threshold), so the default stays at
+    2,000 (reports/variants/steps2600*)."""
     group_by_length: bool = True
     """Batch rows of similar length together (`TrainConfig.group_by_length`): the same rows, a
     third fewer padded tokens."""
