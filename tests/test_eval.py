@@ -313,3 +313,20 @@ def test_rates_by_kind_counts_accuracy_for_positive_kinds_and_acceptance_for_neg
     assert list(out) == ["side", "wrong_side"]
     assert out["side"] == {"polarity": "positive", "n": 2, "accuracy": 0.5}
     assert out["wrong_side"] == {"polarity": "negative", "n": 4, "hallucination_rate": 0.25}
+
+
+def test_presence_by_finding_splits_presence_questions_by_finding_and_whether_it_is_there():
+    from types import SimpleNamespace as NS
+
+    from training.evaluate import presence_by_finding
+
+    def q(kind, finding, present):
+        return NS(meta={"kind": kind, "label": {"finding": finding, "present": present}})
+
+    ex = [q("presence", "nodule", True), q("presence", "nodule", True), q("presence", "nodule", False),
+          q("presence", "mass", False), q("side", "nodule", True), NS(meta={"kind": "modality", "label": {}})]
+    js = [NS(correct=c) for c in (True, False, True, False, True, True)]
+    out = presence_by_finding(ex, js)
+    assert list(out) == ["mass", "nodule"]  # side and modality questions are not presence questions
+    assert out["nodule"] == {"present": {"n": 2, "accuracy": 0.5}, "absent": {"n": 1, "accuracy": 1.0}}
+    assert out["mass"] == {"present": {"n": 0, "accuracy": None}, "absent": {"n": 1, "accuracy": 0.0}}

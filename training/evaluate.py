@@ -107,6 +107,21 @@ def rates_by_kind(examples, judgements) -> dict:
             for k in order}
 
 
+def presence_by_finding(examples, judgements) -> dict:
+    """Positive presence questions ("Is there a nodule?") per finding kind: the accuracy when the
+    finding is in the image (`present`) and when it is not (`absent`), each with its count."""
+    hits: dict[str, dict[str, list[bool]]] = {}
+    for e, j in zip(examples, judgements):
+        label = e.meta.get("label") or {}
+        if e.meta.get("kind") != "presence" or not label.get("finding"):
+            continue
+        row = hits.setdefault(label["finding"], {"present": [], "absent": []})
+        row["present" if label.get("present") else "absent"].append(bool(j.correct))
+    return {finding: {part: {"n": len(v), "accuracy": round(sum(v) / len(v), 3) if v else None}
+                      for part, v in parts.items()}
+            for finding, parts in sorted(hits.items())}
+
+
 def verdict_counts(responses) -> dict:
     from server.pb.medhallguard.v1 import guard_pb2 as pb
 
@@ -155,8 +170,10 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
     report["phantom"] = {
         "heldout_questions": len(heldout),
         "tuned": {**t_rates, "verdicts": verdict_counts(tuned), "by_kind": rates_by_kind(heldout, t_js),
+                  "presence_by_finding": presence_by_finding(heldout, t_js),
                   "negative_hallucination_rate_after_guard": safe(np.mean(shown_false_premise))},
-        "baseline": {**b_rates, "by_kind": rates_by_kind(heldout, b_js)},
+        "baseline": {**b_rates, "by_kind": rates_by_kind(heldout, b_js),
+                     "presence_by_finding": presence_by_finding(heldout, b_js)},
         "guard_auroc_tuned_and_baseline_generations": safe(auroc(labels, p_hall)),
         "guard_auroc_tuned_generations": safe(auroc(labels[: len(tuned)], p_hall[: len(tuned)])),
         "guard_ece": safe(ece(labels, p_hall)),
@@ -218,6 +235,15 @@ def render_markdown(r: dict) -> str:
             key = rate_key(row["polarity"])
             base = b.get("by_kind", {}).get(kind, {}).get(key)
             rows.append(f"| {row['polarity']}: {kind} ({key.replace('_', ' ')}) | {row['n']} | {fmt(row[key])} | {fmt(base)} |")
+        rows.append("")
+    if t.get("presence_by_finding"):  # reports written before it have no breakdown
+        rows += ["| presence questions, by finding: accuracy | n there | tuned | baseline | n not there | tuned | baseline |",
+                 "|---|---|---|---|---|---|---|"]
+        for finding, row in t["presence_by_finding"].items():
+            base = b.get("presence_by_finding", {}).get(finding, {})
+            cells = [f"{row[part]['n']} | {fmt(row[part]['accuracy'])} | {fmt(base.get(part, {}).get('accuracy'))}"
+                     for part in ("present", "absent")]
+            rows.append(f"| {finding} | {' | '.join(cells)} |")
         rows.append("")
     rows += [
         "| guard, PhantomVQA held-out generations | value |",
