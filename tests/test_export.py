@@ -379,7 +379,7 @@ def _default_model() -> Path:
 
     model = default_model_dir()
     if not (model / HEADS_FILE).is_file():
-        pytest.skip(f"the default model is not built at {model}; run `make build-default` (about 15 minutes)")
+        pytest.skip(f"the default model is not built at {model}; run `make build-default` (about 12 minutes)")
     if not heads_are_current(model):
         pytest.skip(f"the default model's guard heads at {model} are an older format; "
                     "refit them with `medhallguard build-default --heads-only` (about a minute)")

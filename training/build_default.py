@@ -220,7 +220,7 @@ def ensure_default(log=print) -> Path:
     root = cache_root() / "default-build"
     model = default_model_dir()
     if not (model / "guard_heads.safetensors").is_file():
-        log(f"[build-default] building the default model under {root} (about 15 minutes on 2 cores) ...")
+        log(f"[build-default] building the default model under {root} (about 12 minutes on 2 cores) ...")
         build_default(root, log=log)
         _publish(root / "tuned", model)
     elif not heads_are_current(model) and _refit_heads(root, publish=True) != 0:
@@ -285,7 +285,7 @@ def _refit_heads(root: Path, publish: bool) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build-default",
-        help="train the default nano model and its baseline from scratch (about 15 minutes on 2 cores)",
+        help="train the default nano model and its baseline from scratch (about 12 minutes on 2 cores)",
         description=__doc__,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
         epilog="examples:\n  medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)\n"
