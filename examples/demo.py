@@ -1,7 +1,7 @@
 """`make demo`: serve the default model on loopback, ask one question about a held-out image, shut down.
 
 Steps: build the default model if it is not cached yet (`medhallguard build-default`,
-about 15 minutes on 2 cores, once), start `medhallguard serve` on an ephemeral
+about 12 minutes on 2 cores, once), start `medhallguard serve` on an ephemeral
 loopback port, ask a hallucination-inducing question about a PhantomVQA image
 the model never saw in training, print the answer with its verdict and scores
 next to the exact reference answer, then SIGTERM the server and check that it
