@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.parity import ParityConfig, ParityError
-from export.quantize import QuantizeConfig
+from export.quantize import INT8_SCHEMES, QuantizeConfig
 from guard.errors import GuardError, ModelLoadError
 from guard.head import GuardHeads
 from guard.manifest import PRECISIONS, GraphInfo, Manifest, TensorInfo, hash_files
@@ -313,6 +313,7 @@ def _manifest(bundle: Path, spec: ModelSpec, source_checksum: str, config: Expor
         source_checksum=source_checksum,
         versions=library_versions(),
         exporter=config.exporter,
+        quantization={"int8_scheme": config.quantize.int8_scheme} if config.precision == "int8" else {},
     )
 
 
@@ -406,6 +407,10 @@ def add_parser(subparsers) -> None:
                         "models (others "
                         "are traced); traced: trace the Hugging Face decoder (any model; slower per token). "
                         "--engine tensorrt always traces (TensorRT does not run onnxruntime's com.microsoft operators)")
+    p.add_argument("--int8-scheme", choices=INT8_SCHEMES, default="dynamic",
+                   help="int8 only. dynamic (default): int8 weights and activations (quantize_dynamic); "
+                        "weight-only: int8 weights, fp32 compute (MatMulNBits), which moves the guard's outputs "
+                        "far less: try it when a dynamic int8 bundle fails the parity gate")
     p.add_argument("--force", action="store_true",
                    help="skip the parity gate and mark the bundle unverified (servers warn when they load it)")
     p.add_argument("--engine", choices=ENGINES, help="also build TensorRT engines (GPU hosts with the [gpu] extra)")
@@ -423,11 +428,13 @@ def _run(args) -> int:
             precision=args.precision, exporter=args.exporter, decoder=args.decoder, force=args.force, engine=args.engine,
             parity=ParityConfig(phantom_prompts=args.parity_prompts, medhalltune_prompts=args.parity_prompts,
                                 max_new_tokens=args.parity_tokens),
-            threads=args.threads,
+            threads=args.threads, quantize=QuantizeConfig(int8_scheme=args.int8_scheme),
         )
         export_bundle(args.model_dir, args.out_dir, config=config)
     except ParityError as e:
-        print(f"error: {e}\nnothing was written to {args.out_dir}; use --force to write an unverified bundle",
+        hint = "; an int8 bundle may pass with --int8-scheme weight-only" \
+            if args.precision == "int8" and args.int8_scheme == "dynamic" else ""
+        print(f"error: {e}\nnothing was written to {args.out_dir}{hint}; use --force to write an unverified bundle",
               file=sys.stderr)
         return 1
     except (ValueError, FileExistsError, GuardError) as e:

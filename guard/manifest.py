@@ -80,6 +80,9 @@ class Manifest:
     """How decoder.onnx was made: `fused` (written with onnxruntime's fused operators) or `traced`."""
     engines: dict[str, GraphInfo] = field(default_factory=dict)
     """TensorRT engines built from the graphs (role -> engine file), when any."""
+    quantization: dict = field(default_factory=dict)
+    """How the weights were quantized beyond `precision`, e.g. {"int8_scheme": "weight-only"}; empty
+    for fp32, fp16 and int4, and in bundles written before it."""
     format: str = FORMAT
 
     @property

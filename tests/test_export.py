@@ -245,6 +245,39 @@ def test_quantized_exports_write_quantized_graphs_that_serve(tmp_path_factory, n
     assert report["token_agreement"] >= 0.5 and report["logits_rel_diff"] < 0.5
 
 
+def test_weight_only_int8_writes_8_bit_blocks_computed_in_fp32_that_agree_with_the_model_closer_than_dynamic_int8(
+        tmp_path_factory, nano_models):
+    import onnx
+
+    from export.quantize import QuantizeConfig
+
+    _needs_onnxscript()
+    model_dir = nano_models["smolvlm"]
+    out = tmp_path_factory.mktemp("int8-schemes")
+    weight_only = export(model_dir, out / "weight-only", precision="int8", force=True,
+                         quantize=QuantizeConfig(int8_scheme="weight-only"))
+    dynamic = export_nano(tmp_path_factory, model_dir, precision="int8", force=True)
+    nodes = [n for n in onnx.load(str(weight_only / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"] == 8 for n in nodes)
+    assert load_manifest(weight_only).quantization == {"int8_scheme": "weight-only"}
+    assert load_manifest(dynamic).quantization == {"int8_scheme": "dynamic"}
+
+    reference = load_backend("torch", model_dir, threads=1)
+    heads, prompts = GuardHeads.load(weight_only / HEADS_FILE), parity.parity_prompts(FAST_PARITY)
+    reports = {name: parity.compare(reference, load_backend("onnxruntime", bundle), load_guard(bundle, SERVE_ALL).prompter,
+                                    heads, prompts, 8)
+               for name, bundle in (("weight-only", weight_only), ("dynamic", dynamic))}
+    assert reports["weight-only"]["logits_max_abs_diff"] < reports["dynamic"]["logits_max_abs_diff"]
+    assert reports["weight-only"]["guard_max_abs_diff"] < reports["dynamic"]["guard_max_abs_diff"]
+
+
+def test_quantize_config_rejects_an_unknown_int8_scheme():
+    from export.quantize import QuantizeConfig
+
+    with pytest.raises(ValueError, match="int8_scheme"):
+        QuantizeConfig(int8_scheme="static")
+
+
 # --- what must not be written --------------------------------------------------
 
 
