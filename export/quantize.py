@@ -7,6 +7,8 @@
   (MatMulNBits with 8 bits). Activations are never rounded, so the guard's
   outputs move far less: on a 2,600-step default-recipe model, 0.017 against
   0.19 with `dynamic`, which flipped a verdict and failed the parity gate.
+  But onnxruntime 1.32's CPU kernel for it is slow: 264 ms per token on the
+  256M shape against 8.3 ms with `dynamic` (README, Export).
 - int4: weight-only, blockwise round-to-nearest (MatMulNBits, `MatMulNBitsQuantizer`).
   onnxruntime's CPU provider runs it; accuracy_level 4 computes with int8
   activations, the fast path on x86 and ARM.
