@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     say(f"padded tokens: plain {pad['plain']}, grouped {pad['grouped']} (real {pad['real']})")
     runs = step_times(args.build_root, args.steps, args.repeats, args.threads)
     load_end = load_average()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "train_step.json", {"header": head, "load_average_end": load_end, "padded_tokens": pad,
                                               "runs": runs})
     report(head, pad, runs, args, load_end, args.out)

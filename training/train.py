@@ -31,6 +31,7 @@ from guard.preprocess import preprocess
 from guard.prompt import Prompter
 from guard.spec import HEADS_FILE, META_FILE, spec_from_hf_dir
 from training.data import BLANK_IMAGE_NOTE, VqaExample, group_by_length, image_payload, load_examples, mix
+from training.features import fill_image_slots
 
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                "chat_template.json", "chat_template.jinja")
@@ -262,8 +263,6 @@ class TowerCache:
 
     def inputs_embeds(self, input_ids, pixels, keys: list[str]):
         """Token embeddings with the image slots filled (`training.features.fill_image_slots`)."""
-        from training.features import fill_image_slots
-
         return fill_image_slots(self.model, input_ids, self.connector(self._tower(pixels, keys)),
                                 self.model.config.image_token_id)
 
