@@ -336,3 +336,21 @@ def test_build_default_set_overrides_typed_recipe_fields_and_rejects_unknown_one
         recipe_with(["steps=many"])
     assert subprocess.run([sys.executable, "-m", "server.cli", "build-default", "--set", "seed=1"], cwd=ROOT,
                           capture_output=True, text=True).stdout.count("give it its own --out folder") == 1
+
+
+def test_build_default_continues_both_models_from_the_shared_base_phase_when_base_steps_is_set(monkeypatch, tmp_path):
+    import training.build_default as bd
+    import training.init_model
+    import training.phantom
+    import training.train as tt
+
+    monkeypatch.setattr(training.phantom, "write_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(training.init_model, "init_model", lambda *a, **k: None)
+    monkeypatch.setattr(bd, "_medhalltune", lambda root, seed: {"train": [], "heldout": [], "pred_train": [], "pred_heldout": []})
+    monkeypatch.setattr(bd, "fit_default_heads", lambda *a, **k: {})
+    monkeypatch.setattr(tt, "train", lambda cfg: Path(cfg.out))
+    started_from = {}
+    monkeypatch.setattr(tt, "train_side_by_side", lambda cfgs: [started_from.setdefault(Path(c.out).name, c.model) for c in cfgs])
+    recipe = bd.recipe_with(["base_steps=5", "steps=5", "vision_steps=0"])
+    bd.build_default(tmp_path, recipe, log=lambda *a: None)
+    assert started_from == {"tuned": str(tmp_path / "base"), "baseline": str(tmp_path / "base")}

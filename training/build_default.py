@@ -148,7 +148,7 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     # 4) Tuned and baseline models, side by side (one process each, the cores split between them).
     start = init_dir
     if recipe.base_steps:
-        train(recipe_train_config(recipe, data, init_dir, out_root / "base", recipe.base_steps, positive_only=True))
+        start = train(recipe_train_config(recipe, data, init_dir, out_root / "base", recipe.base_steps, positive_only=True))
         lap("train_base")
     train_side_by_side([recipe_train_config(recipe, data, start, out_root / name, recipe.steps, positive_only)
                         for name, positive_only in (("tuned", False), ("baseline", True))])
