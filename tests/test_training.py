@@ -179,6 +179,48 @@ def test_the_premise_loss_reads_only_the_question_positions_and_reaches_the_weig
     assert any(not np.array_equal(a[k], b[k]) for k in a if "text_model" in k or "language_model" in k)
 
 
+@pytest.mark.parametrize("family", ["smolvlm", "llava"])
+def test_logits_only_at_trained_positions_give_the_models_own_loss_and_gradients(nano_models, family):
+    import torch
+
+    from guard.backends.torch_backend import load_model
+    from training.train import next_token_loss, trained_positions
+
+    model = load_model(nano_models[family])
+    spec = spec_from_hf_dir(nano_models[family])
+    prompter = Prompter(Path(nano_models[family]) / "tokenizer.json", spec)
+    prompt = prompter.encode_prompt("Is there a nodule?").tolist()
+    answer = prompter.encode_answer("No, there is no nodule.")
+    ids = torch.tensor([prompt + answer, prompt + answer[:3] + [0] * (len(answer) - 3)])
+    labels = ids.clone()
+    labels[:, : len(prompt)] = -100
+    labels[1, len(prompt) + 3:] = -100  # the second row is padded
+    size = spec.preprocess.image_size
+    pixels = torch.from_numpy(np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32))
+    from guard.families import family_for
+
+    kwargs = dict(input_ids=ids, attention_mask=(labels != -100) | (torch.arange(ids.shape[1]) < len(prompt)),
+                  **family_for(model.config.model_type).pixel_kwargs(pixels))
+
+    def loss_and_grads(fast: bool):
+        model.zero_grad()
+        if fast:
+            keep = trained_positions(labels)
+            out = model(**kwargs, logits_to_keep=keep)
+            assert out.logits.shape[0] == int((labels != -100).sum())  # one logit row per trained token
+            loss = next_token_loss(out.logits, labels, keep)
+        else:
+            loss = model(**kwargs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (full, full_grads), (fast, fast_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert torch.allclose(fast, full, atol=1e-6)
+    assert full_grads.keys() == fast_grads.keys()
+    for name in full_grads:
+        assert torch.allclose(fast_grads[name], full_grads[name], atol=1e-6), name
+
+
 def test_freeze_vision_keeps_the_tower_fixed_while_the_connector_and_text_model_train(nano_models, phantom, tmp_path):
     before = _weights(nano_models["smolvlm"])
     out = train(_cfg(nano_models["smolvlm"], tmp_path / "frozen", phantom, freeze_vision=True, checkpoint_every=0))

@@ -267,6 +267,26 @@ class TowerCache:
                                 self.model.config.image_token_id)
 
 
+def trained_positions(labels):
+    """[B, S] bool: the positions whose next token is trained on (`labels` is not -100 one step on).
+
+    Passed as the model's `logits_to_keep`, it projects only those hidden states onto the vocabulary:
+    the image tokens and chat template, most of a VLM prompt, get no logits and no softmax."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def next_token_loss(logits, labels, keep):
+    """Mean cross-entropy of the kept positions' logits [N, V] against their next tokens: the same
+    value as the model's own loss over full logits, without computing the rest."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
+
+
 def premise_loss(hidden_states, mid_layer: int, question_mask, negative, probe):
     """BCE of a linear probe on the question's mean hidden states [mid, last], as guard.head pools them."""
     import torch
@@ -334,8 +354,9 @@ def train(cfg: TrainConfig) -> Path:
                 inputs = {"inputs_embeds": tower_cache.inputs_embeds(batch["input_ids"], batch["pixels"], batch["images"])}
             else:
                 inputs = {"input_ids": batch["input_ids"], **family.pixel_kwargs(batch["pixels"])}
-            result = model(**inputs, attention_mask=batch["attention_mask"], labels=batch["labels"], output_hidden_states=aux)
-            loss = result.loss
+            keep = trained_positions(batch["labels"])
+            result = model(**inputs, attention_mask=batch["attention_mask"], logits_to_keep=keep, output_hidden_states=aux)
+            loss = next_token_loss(result.logits, batch["labels"], keep)
             if aux:
                 loss = loss + cfg.premise_loss_weight * premise_loss(
                     result.hidden_states, spec.mid_layer, batch["question_mask"], batch["negative"], probe)
