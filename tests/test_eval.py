@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.data import DEFAULT_MEDHALLTUNE_DIR
@@ -330,3 +331,50 @@ def test_presence_by_finding_splits_presence_questions_by_finding_and_whether_it
     assert list(out) == ["mass", "nodule"]  # side and modality questions are not presence questions
     assert out["nodule"] == {"present": {"n": 2, "accuracy": 0.5}, "absent": {"n": 1, "accuracy": 1.0}}
     assert out["mass"] == {"present": {"n": 0, "accuracy": None}, "absent": {"n": 1, "accuracy": 0.0}}
+
+
+def test_the_wilson_interval_brackets_the_rate_and_narrows_with_more_questions():
+    from training.metrics import proportion_interval
+
+    lo, hi = proportion_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-3  # the textbook Wilson bound for 0 of 10
+    small, large = proportion_interval(7, 10), proportion_interval(700, 1000)
+    assert small[0] < 0.7 < small[1] and large[0] < 0.7 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    assert all(np.isnan(proportion_interval(0, 0)))
+
+
+def test_the_paired_bootstrap_separates_a_better_guard_from_noise_and_not_from_itself():
+    from training.metrics import auroc, bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    good, weak = y + rng.normal(0, 0.5, 400), y + rng.normal(0, 3.0, 400)
+    gain = lambda y, a, b: auroc(y, a) - auroc(y, b)  # noqa: E731
+    lo, hi = bootstrap_interval(gain, y, good, weak)
+    assert 0 < lo < auroc(y, good) - auroc(y, weak) < hi
+    assert bootstrap_interval(gain, y, good, good) == (0.0, 0.0)  # paired: the same scores never differ
+    lo, hi = bootstrap_interval(auroc, y, weak)
+    assert lo < auroc(y, weak) < hi
+    assert all(np.isnan(bootstrap_interval(auroc, np.zeros(50), rng.random(50))))  # one class: undefined
+
+
+def test_the_default_report_shows_intervals_and_the_gain_over_each_text_baseline():
+    from training.evaluate import render_markdown
+
+    rates = {"positive_accuracy": 0.727, "positive_accuracy_ci95": [0.673, 0.776], "negative_hallucination_rate": 0.054,
+             "negative_hallucination_rate_ci95": [0.034, 0.086], "negative_hallucination_rate_after_guard": 0.04,
+             "positive_questions": 286, "negative_questions": 314, "verdicts": {}}
+    report = {"phantom": {"tuned": rates, "baseline": {**rates, "positive_accuracy_ci95": [None, None]},
+                          "hallucinated_generations": 1, "guard_auroc_tuned_and_baseline_generations": 0.925,
+                          "guard_auroc_tuned_and_baseline_generations_ci95": [0.9, 0.95],
+                          "guard_auroc_tuned_generations": 0.86, "guard_ece": 0.03},
+              "medhalltune": {"heldout_questions": 272, "premise_auroc_guard": 0.968, "premise_auroc_tfidf_logreg": 0.942,
+                              "premise_auroc_gain_over_tfidf_ci95": [0.004, 0.05],
+                              "spearman_guard": {"risk_level": 0.474}, "spearman_tfidf_ridge": {"risk_level": 0.369},
+                              "spearman_gain_over_tfidf_ci95": {"risk_level": [-0.02, 0.23]}, "premise_head": None}}
+    md = render_markdown(report)
+    assert "| accuracy on positive questions | 0.727 (0.673 to 0.776) | 0.727 |" in md  # no interval: the value alone
+    assert "| 0.925 (0.900 to 0.950) |" in md and "| p(hallucination) AUROC, tuned answers only | 0.860 |" in md
+    assert "| 0.942 | +0.004 to +0.050 |" in md
+    assert "| risk_level Spearman vs GPT-4o (baseline: TF-IDF + ridge) | 0.474 | 0.369 | -0.020 to +0.230 |" in md

@@ -81,12 +81,22 @@ def phantom_rates(examples, judgements) -> dict:
     """Accuracy on positive questions and false-premise acceptance on negative ones, from phantom_judgements."""
     pos = [j for j, e in zip(judgements, examples) if e.polarity == "positive"]
     neg = [j for j, e in zip(judgements, examples) if e.polarity == "negative"]
+    from training.metrics import proportion_interval
+
+    right, accepted = sum(bool(j.correct) for j in pos), sum(bool(j.accepted_false_premise) for j in neg)
     return {
         "positive_questions": len(pos), "negative_questions": len(neg),
-        "positive_accuracy": safe(np.mean([j.correct for j in pos])) if pos else None,
-        "negative_hallucination_rate": safe(np.mean([j.accepted_false_premise for j in neg])) if neg else None,
+        "positive_accuracy": safe(right / len(pos)) if pos else None,
+        "positive_accuracy_ci95": interval(proportion_interval(right, len(pos))),
+        "negative_hallucination_rate": safe(accepted / len(neg)) if neg else None,
+        "negative_hallucination_rate_ci95": interval(proportion_interval(accepted, len(neg))),
         "hallucinated_any": safe(np.mean([j.hallucinated for j in judgements])),
     }
+
+
+def interval(bounds: tuple[float, float]) -> list[float | None]:
+    """A (low, high) interval as JSON: rounded, None where undefined."""
+    return [safe(v) for v in bounds]
 
 
 def rate_key(polarity: str) -> str:
@@ -133,7 +143,8 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
                      log=print) -> dict:
     from server.launch import served
     from training.data import load_examples
-    from training.metrics import auroc, ece, spearman, tfidf_classifier_auroc, tfidf_regression_spearman
+    from training.metrics import (auroc, bootstrap_interval, ece, spearman, tfidf_classifier_scores,
+                                  tfidf_regression_predictions)
 
     data = root / "data"
     heldout = load_examples(data / "phantom" / "heldout.json", data / "phantom" / "images").examples
@@ -175,7 +186,10 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
         "baseline": {**b_rates, "by_kind": rates_by_kind(heldout, b_js),
                      "presence_by_finding": presence_by_finding(heldout, b_js)},
         "guard_auroc_tuned_and_baseline_generations": safe(auroc(labels, p_hall)),
+        "guard_auroc_tuned_and_baseline_generations_ci95": interval(bootstrap_interval(auroc, labels, p_hall)),
         "guard_auroc_tuned_generations": safe(auroc(labels[: len(tuned)], p_hall[: len(tuned)])),
+        "guard_auroc_tuned_generations_ci95": interval(bootstrap_interval(auroc, labels[: len(tuned)],
+                                                                          p_hall[: len(tuned)])),
         "guard_ece": safe(ece(labels, p_hall)),
         "hallucinated_generations": int(sum(labels)),
     }
@@ -187,17 +201,26 @@ def evaluate_default(root: Path, out_dir: Path, phantom_questions: int = 600, co
                       r.scores.risk_level] for r in mht], float)
     train_pred = load_examples(data / "medhalltune" / "pred_train.json", None, allow_missing_images=True).examples
     names = ("clinical_accuracy", "clinical_relevance", "detail_level", "risk_level")
-    tfidf_sp = tfidf_regression_spearman([f"{e.question} {e.model_answer}" for e in train_pred],
-                                         [e.scores for e in train_pred],
-                                         [f"{e.question} {e.model_answer}" for e in mht_held], gpt)
+    tfidf_pred = tfidf_regression_predictions([f"{e.question} {e.model_answer}" for e in train_pred],
+                                              [e.scores for e in train_pred],
+                                              [f"{e.question} {e.model_answer}" for e in mht_held])
+    premise = [r.premise_risk for r in mht]
+    tfidf_premise = tfidf_classifier_scores([e.question for e in mht_train], [e.polarity == "negative" for e in mht_train],
+                                            [e.question for e in mht_held])
+    # Paired bootstrap over the held-out questions: does the guard beat its baseline beyond resampling noise?
+    auroc_gain = lambda y, a, b: auroc(y, a) - auroc(y, b)  # noqa: E731
+    spearman_gain = lambda t, a, b: spearman(a, t) - spearman(b, t)  # noqa: E731
     report["medhalltune"] = {
         "heldout_questions": len(mht_held),
-        "premise_auroc_guard": safe(auroc(negative, [r.premise_risk for r in mht])),
-        "premise_auroc_tfidf_logreg": safe(tfidf_classifier_auroc(
-            [e.question for e in mht_train], [e.polarity == "negative" for e in mht_train],
-            [e.question for e in mht_held], negative)),
+        "premise_auroc_guard": safe(auroc(negative, premise)),
+        "premise_auroc_guard_ci95": interval(bootstrap_interval(auroc, negative, premise)),
+        "premise_auroc_tfidf_logreg": safe(auroc(negative, tfidf_premise)),
+        "premise_auroc_gain_over_tfidf_ci95": interval(bootstrap_interval(auroc_gain, negative, premise, tfidf_premise)),
         "spearman_guard": {n: safe(spearman(pred[:, k], gpt[:, k])) for k, n in enumerate(names)},
-        "spearman_tfidf_ridge": {n: safe(v) for n, v in zip(names, tfidf_sp)},
+        "spearman_tfidf_ridge": {n: safe(spearman(tfidf_pred[:, k], gpt[:, k])) for k, n in enumerate(names)},
+        "spearman_gain_over_tfidf_ci95": {n: interval(bootstrap_interval(spearman_gain, gpt[:, k], pred[:, k],
+                                                                         tfidf_pred[:, k]))
+                                          for k, n in enumerate(names)},
         "premise_head": _premise_head_record(root),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,11 +243,21 @@ def render_markdown(r: dict) -> str:
     p, m = r["phantom"], r["medhalltune"]
     t, b = p["tuned"], p["baseline"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def ci(v, bounds) -> str:  # "0.727 (0.673-0.776)": the value and its 95% interval, where the report has one
+        if not bounds or None in bounds:
+            return fmt(v)
+        return f"{fmt(v)} ({bounds[0]:.3f} to {bounds[1]:.3f})"
+
+    def gain(bounds) -> str:
+        return "n/a" if not bounds or None in bounds else f"{bounds[0]:+.3f} to {bounds[1]:+.3f}"
+
+    rate = lambda r, key: ci(r[key], r.get(f"{key}_ci95"))  # noqa: E731
     rows = [
-        "| PhantomVQA held-out | tuned | baseline (no negative questions) |",
+        "| PhantomVQA held-out (value, 95% interval) | tuned | baseline (no negative questions) |",
         "|---|---|---|",
-        f"| accuracy on positive questions | {fmt(t['positive_accuracy'])} | {fmt(b['positive_accuracy'])} |",
-        f"| hallucination rate on negative questions | {fmt(t['negative_hallucination_rate'])} | {fmt(b['negative_hallucination_rate'])} |",
+        f"| accuracy on positive questions | {rate(t, 'positive_accuracy')} | {rate(b, 'positive_accuracy')} |",
+        f"| hallucination rate on negative questions | {rate(t, 'negative_hallucination_rate')} | {rate(b, 'negative_hallucination_rate')} |",
         f"| the same, counting only answers the guard lets through (ABSTAIN withholds) | {fmt(t['negative_hallucination_rate_after_guard'])} | |",
         f"| questions (positive / negative) | {t['positive_questions']} / {t['negative_questions']} | same |",
         "",
@@ -248,17 +281,18 @@ def render_markdown(r: dict) -> str:
     rows += [
         "| guard, PhantomVQA held-out generations | value |",
         "|---|---|",
-        f"| p(hallucination) AUROC, tuned + baseline answers ({p['hallucinated_generations']} hallucinated) | {fmt(p['guard_auroc_tuned_and_baseline_generations'])} |",
-        f"| p(hallucination) AUROC, tuned answers only | {fmt(p['guard_auroc_tuned_generations'])} |",
+        f"| p(hallucination) AUROC, tuned + baseline answers ({p['hallucinated_generations']} hallucinated) | {rate(p, 'guard_auroc_tuned_and_baseline_generations')} |",
+        f"| p(hallucination) AUROC, tuned answers only | {rate(p, 'guard_auroc_tuned_generations')} |",
         f"| p(hallucination) ECE | {fmt(p['guard_ece'])} |",
         f"| tuned verdicts | {', '.join(f'{k}: {v}' for k, v in t['verdicts'].items())} |",
         "",
-        f"| MedHallTune held-out ({m['heldout_questions']} questions) | guard | text-only baseline |",
-        "|---|---|---|",
-        f"| premise_risk AUROC (baseline: TF-IDF + logistic regression) | {fmt(m['premise_auroc_guard'])} | {fmt(m['premise_auroc_tfidf_logreg'])} |",
+        f"| MedHallTune held-out ({m['heldout_questions']} questions) | guard | text-only baseline | guard minus baseline, 95% interval (paired bootstrap) |",
+        "|---|---|---|---|",
+        f"| premise_risk AUROC (baseline: TF-IDF + logistic regression) | {rate(m, 'premise_auroc_guard')} | {fmt(m['premise_auroc_tfidf_logreg'])} | {gain(m.get('premise_auroc_gain_over_tfidf_ci95'))} |",
     ]
     for name, v in m["spearman_guard"].items():
-        rows.append(f"| {name} Spearman vs GPT-4o (baseline: TF-IDF + ridge) | {fmt(v)} | {fmt(m['spearman_tfidf_ridge'][name])} |")
+        rows.append(f"| {name} Spearman vs GPT-4o (baseline: TF-IDF + ridge) | {fmt(v)} | {fmt(m['spearman_tfidf_ridge'][name])} "
+                    f"| {gain(m.get('spearman_gain_over_tfidf_ci95', {}).get(name))} |")
     ablation = (m.get("premise_head") or {}).get("premise_ablation", {}).get("medhalltune")
     if ablation:
         rows += ["", "| premise head ablation, calibration fold of the head's training rows (MedHallTune) | AUROC |",

@@ -1,4 +1,5 @@
-"""Metrics for the guard: AUROC, AUPRC, ECE, Spearman, temperature scaling, and text-only baselines.
+"""Metrics for the guard: AUROC, AUPRC, ECE, Spearman, temperature scaling, text-only baselines,
+and 95% intervals for all of them.
 
 Thin wrappers over scikit-learn and SciPy that return plain floats, handle the
 degenerate cases (one class only) by returning NaN instead of raising, and
@@ -36,6 +37,33 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def proportion_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate (SciPy): a held-out accuracy of 0.73 on 286 questions is a
+    range, not a point. (nan, nan) when n is 0."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return math.nan, math.nan
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def bootstrap_interval(statistic, *columns, n_resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval (SciPy) of `statistic(*columns)`, resampling rows, the same rows
+    of every column (paired): e.g. an AUROC from (labels, scores), or a guard's AUROC minus a
+    baseline's from (labels, guard scores, baseline scores) on the same questions. (nan, nan) when
+    the statistic is undefined on the data or on some resample (one class only)."""
+    from scipy.stats import bootstrap
+
+    columns = [np.asarray(c, float) for c in columns]
+    if len(columns[0]) < 2 or not math.isfinite(statistic(*columns)):
+        return math.nan, math.nan
+    ci = bootstrap(columns, statistic, paired=True, vectorized=False, n_resamples=n_resamples,
+                   confidence_level=level, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
 def reliability(labels, probs, n_bins: int = 10) -> list[dict]:
     """Equal-width bins: count, mean confidence and observed rate per bin."""
     labels, probs = np.asarray(labels, float), np.asarray(probs, float)
@@ -70,8 +98,8 @@ def fit_temperature(logits, labels) -> float:
     return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
 
 
-def tfidf_classifier_auroc(train_texts, train_labels, test_texts, test_labels) -> float:
-    """Text-only baseline: TF-IDF (word 1-2 grams) + logistic regression -> AUROC."""
+def tfidf_classifier_scores(train_texts, train_labels, test_texts) -> np.ndarray:
+    """Text-only baseline: TF-IDF (word 1-2 grams) + logistic regression -> P(label 1) per test text."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -79,17 +107,28 @@ def tfidf_classifier_auroc(train_texts, train_labels, test_texts, test_labels) -
     clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
                         LogisticRegression(C=4.0, max_iter=2000))
     clf.fit(list(train_texts), np.asarray(train_labels))
-    return auroc(test_labels, clf.predict_proba(list(test_texts))[:, 1])
+    return clf.predict_proba(list(test_texts))[:, 1]
 
 
-def tfidf_regression_spearman(train_texts, train_targets, test_texts, test_targets) -> list[float]:
-    """Text-only baseline: TF-IDF + ridge regression, one Spearman per target column."""
+def tfidf_classifier_auroc(train_texts, train_labels, test_texts, test_labels) -> float:
+    """The TF-IDF + logistic regression baseline's AUROC on the test texts."""
+    return auroc(test_labels, tfidf_classifier_scores(train_texts, train_labels, test_texts))
+
+
+def tfidf_regression_predictions(train_texts, train_targets, test_texts) -> np.ndarray:
+    """Text-only baseline: TF-IDF + ridge regression -> [n_test, n_targets] predictions."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
 
-    train_targets, test_targets = np.asarray(train_targets, float), np.asarray(test_targets, float)
+    train_targets, test_texts = np.asarray(train_targets, float), list(test_texts)
     reg = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True), Ridge(alpha=1.0))
     reg.fit(list(train_texts), train_targets)
-    pred = reg.predict(list(test_texts)).reshape(len(test_targets), -1)
+    return reg.predict(test_texts).reshape(len(test_texts), -1)
+
+
+def tfidf_regression_spearman(train_texts, train_targets, test_texts, test_targets) -> list[float]:
+    """The TF-IDF + ridge baseline's Spearman per target column."""
+    test_targets = np.asarray(test_targets, float)
+    pred = tfidf_regression_predictions(train_texts, train_targets, test_texts)
     return [spearman(pred[:, k], test_targets[:, k]) for k in range(test_targets.shape[1])]
