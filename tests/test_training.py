@@ -396,3 +396,31 @@ def test_build_default_continues_both_models_from_the_shared_base_phase_when_bas
     recipe = bd.recipe_with(["base_steps=5", "steps=5", "vision_steps=0"])
     bd.build_default(tmp_path, recipe, log=lambda *a: None)
     assert started_from == {"tuned": str(tmp_path / "base"), "baseline": str(tmp_path / "base")}
+
+
+def test_build_default_trains_phantom_alone_first_then_each_model_continues_on_the_full_mix(monkeypatch, tmp_path):
+    import training.build_default as bd
+    import training.init_model
+    import training.phantom
+    import training.train as tt
+
+    monkeypatch.setattr(training.phantom, "write_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(training.init_model, "init_model", lambda *a, **k: None)
+    monkeypatch.setattr(bd, "_medhalltune", lambda root, seed: {"train": [], "heldout": [], "pred_train": [], "pred_heldout": []})
+    monkeypatch.setattr(bd, "fit_default_heads", lambda *a, **k: {})
+    runs = []
+
+    def side_by_side(cfgs):
+        runs.append({Path(c.out).name: (Path(c.model).name, c.steps, sorted(Path(s.path).parent.name for s in c.data),
+                                        c.positive_only) for c in cfgs})
+        return [Path(c.out) for c in cfgs]
+
+    monkeypatch.setattr(tt, "train_side_by_side", side_by_side)
+    bd.build_default(tmp_path, bd.recipe_with(["phantom_first_steps=3", "steps=10", "vision_steps=0"]), log=lambda *a: None)
+    assert runs == [
+        {"tuned-phantom-first": ("init", 3, ["phantom"], False), "baseline-phantom-first": ("init", 3, ["phantom"], True)},
+        {"tuned": ("tuned-phantom-first", 7, ["medhalltune", "phantom"], False),
+         "baseline": ("baseline-phantom-first", 7, ["medhalltune", "phantom"], True)},
+    ]
+    with pytest.raises(ValueError, match="phantom_first_steps"):
+        bd.recipe_with(["phantom_first_steps=10", "steps=10"])

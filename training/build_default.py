@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,10 @@ class DefaultRecipe:
     and 0.636, every other target held; but seed 0's int8 bundle failed the export parity gate (one
     of 8 verdicts flipped: int8 moved a guard output across its threshold), so the default stays at
     2,000 (reports/variants/steps2600*)."""
+    phantom_first_steps: int = 0
+    """The first this many of `steps` train on PhantomVQA alone, the rest on the full mix (a second
+    run from the first's weights, its learning-rate schedule restarted): reading the image first,
+    MedHallTune's language after. 0: the mix throughout."""
     group_by_length: bool = True
     """Batch rows of similar length together (`TrainConfig.group_by_length`): the same rows, a
     third fewer padded tokens."""
@@ -92,6 +96,8 @@ class DefaultRecipe:
     def __post_init__(self) -> None:
         if not 0.0 <= self.medhalltune_weight < 1.0:
             raise ValueError("`medhalltune_weight` must be in [0, 1)")
+        if not 0 <= self.phantom_first_steps < self.steps:
+            raise ValueError("`phantom_first_steps` must be in [0, steps)")
 
 
 def cache_root() -> Path:
@@ -150,8 +156,20 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     if recipe.base_steps:
         start = train(recipe_train_config(recipe, data, init_dir, out_root / "base", recipe.base_steps, positive_only=True))
         lap("train_base")
-    train_side_by_side([recipe_train_config(recipe, data, start, out_root / name, recipe.steps, positive_only)
-                        for name, positive_only in (("tuned", False), ("baseline", True))])
+    models = (("tuned", False), ("baseline", True))
+    starts = {name: start for name, _ in models}
+    if recipe.phantom_first_steps:
+        phantom_only = replace(recipe, medhalltune_weight=0.0)
+        firsts = train_side_by_side([recipe_train_config(phantom_only, data, start, out_root / f"{name}-phantom-first",
+                                                         recipe.phantom_first_steps, positive_only)
+                                     for name, positive_only in models])
+        starts = {name: path for (name, _), path in zip(models, firsts)}
+        lap("train_phantom_first")
+    train_side_by_side([recipe_train_config(recipe, data, starts[name], out_root / name,
+                                            recipe.steps - recipe.phantom_first_steps, positive_only)
+                        for name, positive_only in models])
+    for name, _ in models:
+        shutil.rmtree(out_root / f"{name}-phantom-first", ignore_errors=True)
     lap("train_tuned_and_baseline")
 
     # 5) Guard heads on the tuned model's hidden states.
