@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from evaluation.text_metrics import LABELS, METRICS
 from training.data import SCORE_NAMES
+from training.metrics import with_interval
 
 _COLUMNS = ("positive", "negative", "all")
 
@@ -82,9 +83,10 @@ def _generation(g: dict) -> list[str]:
         p = g["phantom"]
         h = p["p_hallucination"]
         out += ["| PhantomVQA (exact judge) | value |", "|---|---|",
-                f"| accuracy on positive questions | {_fmt(p['positive_accuracy'])} |",
-                f"| hallucination rate on negative questions (accepts the false premise) | "
-                f"{_fmt(p['negative_hallucination_rate'])} |",
+                f"| accuracy on positive questions (95% interval) | "
+                f"{with_interval(p['positive_accuracy'], p.get('positive_accuracy_ci95'))} |",
+                f"| hallucination rate on negative questions (accepts the false premise; 95% interval) | "
+                f"{with_interval(p['negative_hallucination_rate'], p.get('negative_hallucination_rate_ci95'))} |",
                 f"| answers with any hallucination | {_fmt(p['hallucinated_any'])} |",
                 f"| guard p_hallucination AUROC / AUPRC / ECE | {_fmt(h['auroc'])} / {_fmt(h['auprc'])} / "
                 f"{_fmt(h['ece'])} |",

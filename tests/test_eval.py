@@ -173,6 +173,10 @@ def test_phantom_rows_get_the_exact_judges_figures(runner, tmp_path):
     assert p["positive_questions"] + p["negative_questions"] == 8
     assert report["run"]["blank_images"] == 0
     assert p["p_hallucination"]["n"] == 8 and 0.0 <= p["hallucinated_any"] <= 1.0
+    lo, hi = p["positive_accuracy_ci95"]
+    assert lo <= p["positive_accuracy"] <= hi and hi - lo > 0.3  # a handful of questions: a wide interval
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| accuracy on positive questions (95% interval) | {p['positive_accuracy']:.3f} ({lo:.3f} to {hi:.3f}) |" in md
 
 
 # --- bad input ----------------------------------------------------------------

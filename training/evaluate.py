@@ -240,19 +240,16 @@ def _premise_head_record(root: Path) -> dict | None:
 
 
 def render_markdown(r: dict) -> str:
+    from training.metrics import with_interval
+
     p, m = r["phantom"], r["medhalltune"]
     t, b = p["tuned"], p["baseline"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-
-    def ci(v, bounds) -> str:  # "0.727 (0.673-0.776)": the value and its 95% interval, where the report has one
-        if not bounds or None in bounds:
-            return fmt(v)
-        return f"{fmt(v)} ({bounds[0]:.3f} to {bounds[1]:.3f})"
+    fmt = with_interval  # a value alone
 
     def gain(bounds) -> str:
         return "n/a" if not bounds or None in bounds else f"{bounds[0]:+.3f} to {bounds[1]:+.3f}"
 
-    rate = lambda r, key: ci(r[key], r.get(f"{key}_ci95"))  # noqa: E731
+    rate = lambda r, key: with_interval(r[key], r.get(f"{key}_ci95"))  # noqa: E731
     rows = [
         "| PhantomVQA held-out (value, 95% interval) | tuned | baseline (no negative questions) |",
         "|---|---|---|",

@@ -64,6 +64,15 @@ def bootstrap_interval(statistic, *columns, n_resamples: int = 2000, level: floa
     return float(ci.low), float(ci.high)
 
 
+def with_interval(value: float | None, bounds=None) -> str:
+    """A report cell: "0.727 (0.673 to 0.776)" with its 95% interval, "0.727" without one, "n/a"."""
+    if value is None:
+        return "n/a"
+    if not bounds or None in bounds:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({bounds[0]:.3f} to {bounds[1]:.3f})"
+
+
 def reliability(labels, probs, n_bins: int = 10) -> list[dict]:
     """Equal-width bins: count, mean confidence and observed rate per bin."""
     labels, probs = np.asarray(labels, float), np.asarray(probs, float)
