@@ -424,3 +424,46 @@ def test_build_default_trains_phantom_alone_first_then_each_model_continues_on_t
     ]
     with pytest.raises(ValueError, match="phantom_first_steps"):
         bd.recipe_with(["phantom_first_steps=10", "steps=10"])
+
+
+def test_the_validation_loss_is_recorded_at_its_steps_and_is_the_saved_models_loss_on_the_held_out_rows(
+        nano_models, phantom, tmp_path):
+    import torch
+
+    from guard.backends.torch_backend import load_model
+    from guard.families import family_for
+    from training.data import mix
+    from training.train import EncodedExamples, collate, load_training_examples, validation_loss
+
+    held_out = (DataSource(str(phantom / "heldout.json")),)
+    cfg = _cfg(nano_models["smolvlm"], tmp_path / "run", phantom, steps=4, eval_data=held_out, eval_every=2, eval_rows=5)
+    out = train(cfg)
+    history = json.loads((out / "train_record.json").read_text())["run"]["eval_loss"]
+    assert [e["step"] for e in history] == [2, 4]
+    assert history[0]["loss"] != history[1]["loss"]  # the model trained in between
+    # the last one is the saved model's loss on the same five held-out rows
+    spec = spec_from_hf_dir(out)
+    parts, _ = load_training_examples(cfg, held_out)
+    rows = EncodedExamples(mix(parts, 5, seed=cfg.seed + 1), Prompter(out / "tokenizer.json", spec), cfg.max_answer_tokens)
+    batches = [collate([rows[i] for i in range(5)], spec.eos_token_ids[0])]
+    saved = validation_loss(load_model(out), batches, None, family_for("idefics3"), torch.device("cpu"))
+    assert abs(saved - history[-1]["loss"]) < 1e-4
+    # validating changes nothing about training
+    plain = train(_cfg(nano_models["smolvlm"], tmp_path / "plain", phantom, steps=4))
+    a, b = _weights(plain), _weights(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_train_cli_takes_eval_data_like_data(tmp_path):
+    import argparse
+
+    from training.train import _add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    _add_arguments(p)
+    args = p.parse_args(["--model", "m", "--out", "o", "--data", "a.json", "--eval-data", "b.json:2",
+                         "--image-dir", "imgs", "--eval-every", "50", "--eval-rows", "64"])
+    cfg = config_from_args(args)
+    assert cfg.eval_data == (DataSource("b.json", 2.0, "imgs"),) and cfg.eval_every == 50 and cfg.eval_rows == 64
+    with pytest.raises(ValueError, match="eval_every"):
+        dataclasses.replace(cfg, eval_every=-1)

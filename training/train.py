@@ -62,6 +62,14 @@ class TrainConfig:
     """Output directory; rerunning with the same one resumes from its newest checkpoint."""
     data: tuple[DataSource, ...]
     """Training sources, mixed by weight."""
+    eval_data: tuple[DataSource, ...] = ()
+    """Held-out sources for a validation loss (rows not trained on, e.g. another split); none: no validation."""
+    eval_every: int = 0
+    """Steps between validation losses (0: only at the end). Each is shown on the progress bar and
+    kept in train_record.json's `run.eval_loss`; the CLI prints them at the end."""
+    eval_rows: int = 256
+    """Validation rows: this many drawn from `eval_data` by weight (seeded, the same every time), or all
+    of them if fewer."""
     mode: str = "lora"
     """`lora` (peft adapters on the text model's attention) or `full` (every weight)."""
     steps: int = 200
@@ -117,6 +125,8 @@ class TrainConfig:
             raise ValueError("`steps` and `batch_size` must be at least 1")
         if not self.data:
             raise ValueError("`data` is empty: give at least one MedHallTune-format file")
+        if self.eval_every < 0 or self.eval_rows < 1:
+            raise ValueError("`eval_every` must be >= 0 and `eval_rows` >= 1")
         if self.warmup_steps < 0:
             raise ValueError("`warmup_steps` must be >= 0")
         if self.premise_loss_weight < 0:
@@ -126,10 +136,11 @@ class TrainConfig:
 # --- data -------------------------------------------------------------------
 
 
-def load_training_examples(cfg: TrainConfig) -> tuple[list[VqaExample], dict]:
-    """Load, filter and mix the sources; -> (examples in training order, data record)."""
+def load_training_examples(cfg: TrainConfig, sources: tuple[DataSource, ...] | None = None
+                           ) -> tuple[list[tuple[list[VqaExample], float]], dict]:
+    """Load and filter `sources` (default: the training data); -> ([(examples, weight)], data record)."""
     parts, record = [], {"sources": [], "notes": []}
-    for src in cfg.data:
+    for src in cfg.data if sources is None else sources:
         image_dir = src.image_dir or _default_image_dir(Path(src.path))
         ds = load_examples(src.path, image_dir, allow_missing_images=cfg.allow_missing_images)
         examples = [e for e in ds.examples if not (cfg.positive_only and e.polarity == "negative")]
@@ -267,6 +278,35 @@ class TowerCache:
                                 self.model.config.image_token_id)
 
 
+def model_inputs(batch: dict, tower_cache: "TowerCache | None", family) -> dict:
+    """The batch's model inputs: cached tower states in the embeddings, or ids and pixels."""
+    if tower_cache is not None:
+        return {"inputs_embeds": tower_cache.inputs_embeds(batch["input_ids"], batch["pixels"], batch["images"])}
+    return {"input_ids": batch["input_ids"], **family.pixel_kwargs(batch["pixels"])}
+
+
+def validation_loss(model, batches, tower_cache, family, device) -> float:
+    """Mean next-token loss over every trained token of `batches` (held-out rows), in eval mode."""
+    import torch
+
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                keep = trained_positions(batch["labels"])
+                out = model(**model_inputs(batch, tower_cache, family), attention_mask=batch["attention_mask"],
+                            logits_to_keep=keep)
+                n = int(keep.sum())
+                total += float(next_token_loss(out.logits, batch["labels"], keep)) * n
+                tokens += n
+    finally:
+        model.train(was_training)
+    return total / max(tokens, 1)
+
+
 def trained_positions(labels):
     """[B, S] bool: the positions whose next token is trained on (`labels` is not -100 one step on).
 
@@ -328,6 +368,13 @@ def train(cfg: TrainConfig) -> Path:
         dataset.reorder(group_by_length([dataset.length(i) for i in range(len(dataset))], cfg.batch_size, seed=cfg.seed))
     pad_id = spec.eos_token_ids[0]  # padded positions are masked out of attention and loss
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id))
+    eval_batches = None
+    if cfg.eval_data:
+        eval_parts, data_record["eval_sources"] = load_training_examples(cfg, cfg.eval_data)
+        rows = min(cfg.eval_rows, sum(len(p) for p, _ in eval_parts))
+        held_out = EncodedExamples(mix(eval_parts, rows, seed=cfg.seed + 1), prompter, cfg.max_answer_tokens, cfg.question_lm)
+        eval_batches = [collate([held_out[i] for i in range(s, min(s + cfg.batch_size, rows))], pad_id)
+                        for s in range(0, rows, cfg.batch_size)]
 
     # 2) Model, optimizer, schedule.
     base = load_model(cfg.model)
@@ -345,17 +392,14 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step", position=cfg.progress_position,
                disable=not (cfg.show_progress and acc.is_local_main_process))
     model.train()
-    ema, t_start, step_times = None, time.perf_counter(), []
+    ema, t_start, step_times, eval_loss = None, time.perf_counter(), [], []
     try:
         for batch in batches:
             t = time.perf_counter()
             aux = cfg.premise_loss_weight > 0
-            if tower_cache is not None:
-                inputs = {"inputs_embeds": tower_cache.inputs_embeds(batch["input_ids"], batch["pixels"], batch["images"])}
-            else:
-                inputs = {"input_ids": batch["input_ids"], **family.pixel_kwargs(batch["pixels"])}
             keep = trained_positions(batch["labels"])
-            result = model(**inputs, attention_mask=batch["attention_mask"], logits_to_keep=keep, output_hidden_states=aux)
+            result = model(**model_inputs(batch, tower_cache, family), attention_mask=batch["attention_mask"],
+                           logits_to_keep=keep, output_hidden_states=aux)
             loss = next_token_loss(result.logits, batch["labels"], keep)
             if aux:
                 loss = loss + cfg.premise_loss_weight * premise_loss(
@@ -369,7 +413,10 @@ def train(cfg: TrainConfig) -> Path:
             step_times.append(time.perf_counter() - t)
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", ex_s=f"{cfg.batch_size * acc.num_processes / step_times[-1]:.1f}")
+            if eval_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step >= cfg.steps):
+                eval_loss.append({"step": step, "loss": validation_loss(model, eval_batches, tower_cache, family, acc.device)})
+            bar.set_postfix(loss=f"{ema:.3f}", ex_s=f"{cfg.batch_size * acc.num_processes / step_times[-1]:.1f}",
+                            **({"val": f"{eval_loss[-1]['loss']:.3f}"} if eval_loss else {}))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _checkpoint(acc, out, step, cfg.keep_checkpoints)
             if step >= cfg.steps:
@@ -392,6 +439,7 @@ def train(cfg: TrainConfig) -> Path:
             "wall_s": time.perf_counter() - t_start,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "eval_loss": eval_loss,
             "num_processes": acc.num_processes,
             "distributed": f"{acc.distributed_type.value}:{acc.state.backend}" if acc.num_processes > 1 else "no",
             "trainable_params": sum(p.numel() for p in params),
@@ -528,6 +576,7 @@ def add_parser(subparsers) -> None:
       --image-dir images/ --mode lora --steps 500
   accelerate launch --multi_gpu --num_processes 2 -m training.train --model base/ --out tuned/ --data train.json
       (data parallel: GPUs with NCCL, or CPU processes with gloo on a machine without GPUs)
+  medhallguard train ... --eval-data heldout.json --eval-every 100   (a validation loss every 100 steps)
   medhallguard train ... --heads-labelled phantom/train.json --heads-scored llava-med-prediction-*.jsonl
 """,
     )
@@ -558,6 +607,11 @@ def _add_arguments(p) -> None:
                    help="also train next-token prediction on the question's tokens (the premise head reads their states)")
     p.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together: less padding, faster steps on mixed sources")
+    p.add_argument("--eval-data", action="append", default=[], metavar="FILE[:WEIGHT[:IMAGE_DIR]]",
+                   help="held-out MedHallTune-format file for a validation loss (repeatable, like --data)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between validation losses (default 0: once, at the end)")
+    p.add_argument("--eval-rows", type=int, default=256, help="validation rows drawn from --eval-data (default 256)")
     p.add_argument("--premise-loss-weight", type=float, default=0.0,
                    help="weight of the auxiliary premise loss: a probe on the question's mean hidden states "
                         "predicts negative questions (default 0: off)")
@@ -573,11 +627,12 @@ def _add_arguments(p) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    sources = []
-    for spec in args.data:
-        src = DataSource.parse(spec)
-        sources.append(DataSource(src.path, src.weight, src.image_dir or args.image_dir))
-    return TrainConfig(model=args.model, out=args.out, data=tuple(sources), mode=args.mode, steps=args.steps,
+    def sources(specs) -> tuple[DataSource, ...]:
+        parsed = [DataSource.parse(spec) for spec in specs]
+        return tuple(DataSource(s.path, s.weight, s.image_dir or args.image_dir) for s in parsed)
+
+    return TrainConfig(model=args.model, out=args.out, data=sources(args.data), mode=args.mode, steps=args.steps,
+                       eval_data=sources(args.eval_data), eval_every=args.eval_every, eval_rows=args.eval_rows,
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, merge=not args.no_merge, allow_missing_images=args.allow_missing_images,
                        positive_only=args.positive_only, freeze_vision=args.freeze_vision, checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -599,6 +654,8 @@ def _run(args) -> int:
     run = json.loads((out / "train_record.json").read_text())["run"]
     print(f"wrote {out}: {run['steps_this_run']} steps, median step {run['step_time_s_median']:.2f} s, "
           f"peak RSS {run['peak_rss_mb']:.0f} MB, {run['trainable_params']:,} trainable parameters")
+    if run.get("eval_loss"):
+        print("validation loss: " + ", ".join(f"{e['loss']:.4f} at step {e['step']}" for e in run["eval_loss"]))
     return 0
 
 
