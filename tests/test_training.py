@@ -143,12 +143,13 @@ def test_the_same_command_trains_data_parallel_under_accelerate_launch(nano_mode
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "training.train", "--model", str(nano_models["smolvlm"]), "--out", str(out),
            "--data", str(phantom / "train.json"), "--mode", "full", "--steps", "2", "--batch-size", "2",
-           "--checkpoint-every", "0"]
+           "--checkpoint-every", "0", "--eval-data", str(phantom / "heldout.json"), "--eval-rows", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "train_record.json").read_text())
     assert record["run"]["num_processes"] == 2 and record["run"]["distributed"] == "MULTI_CPU:gloo"
+    assert [e["step"] for e in record["run"]["eval_loss"]] == [2]  # validation runs under DDP too
     load_guard(out)  # the result serves
 
 
