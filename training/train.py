@@ -162,9 +162,9 @@ class EncodedExamples:
     """VqaExample -> (input_ids, labels, pixels): the prompt exactly as the runtime builds it."""
 
     def __init__(self, examples: list[VqaExample], prompter: Prompter, max_answer_tokens: int,
-                 question_lm: bool = False):
+                 question_lm: bool = False, cache_pixels: bool = True):
         self.examples, self.prompter, self.max_answer_tokens = examples, prompter, max_answer_tokens
-        self.question_lm = question_lm
+        self.question_lm, self.cache_pixels = question_lm, cache_pixels
         self._pixels: dict[str, object] = {}
         self._encoded: dict[tuple[str, str], tuple] = {}
 
@@ -204,6 +204,8 @@ class EncodedExamples:
 
     def pixels(self, ex: VqaExample):
         key = self.image_key(ex)
+        if not self.cache_pixels:
+            return image_pixels(ex, self.prompter.spec.preprocess)
         if key not in self._pixels:  # images repeat across questions: decode each once
             self._pixels[key] = image_pixels(ex, self.prompter.spec.preprocess)
         return self._pixels[key]
@@ -372,9 +374,13 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.eval_data:
         eval_parts, data_record["eval_sources"] = load_training_examples(cfg, cfg.eval_data)
         rows = min(cfg.eval_rows, sum(len(p) for p, _ in eval_parts))
-        held_out = EncodedExamples(mix(eval_parts, rows, seed=cfg.seed + 1), prompter, cfg.max_answer_tokens, cfg.question_lm)
-        eval_batches = [collate([held_out[i] for i in range(s, min(s + cfg.batch_size, rows))], pad_id)
-                        for s in range(0, rows, cfg.batch_size)]
+        # decoded per validation, not kept: at 512 px, 256 rows of pixels would hold ~0.8 GB for the whole run
+        held_out = EncodedExamples(mix(eval_parts, rows, seed=cfg.seed + 1), prompter, cfg.max_answer_tokens,
+                                   cfg.question_lm, cache_pixels=False)
+
+        def eval_batches():
+            return (collate([held_out[i] for i in range(s, min(s + cfg.batch_size, rows))], pad_id)
+                    for s in range(0, rows, cfg.batch_size))
 
     # 2) Model, optimizer, schedule.
     base = load_model(cfg.model)
@@ -414,7 +420,8 @@ def train(cfg: TrainConfig) -> Path:
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             bar.update(1)
             if eval_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step >= cfg.steps):
-                eval_loss.append({"step": step, "loss": validation_loss(model, eval_batches, tower_cache, family, acc.device)})
+                eval_loss.append({"step": step, "loss": validation_loss(model, eval_batches(), tower_cache, family,
+                                                                        acc.device)})
             bar.set_postfix(loss=f"{ema:.3f}", ex_s=f"{cfg.batch_size * acc.num_processes / step_times[-1]:.1f}",
                             **({"val": f"{eval_loss[-1]['loss']:.3f}"} if eval_loss else {}))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
