@@ -373,6 +373,8 @@ def train(cfg: TrainConfig) -> Path:
     eval_batches = None
     if cfg.eval_data:
         eval_parts, data_record["eval_sources"] = load_training_examples(cfg, cfg.eval_data)
+        for note in data_record["eval_sources"]["notes"]:
+            acc.print(f"validation: {note}")
         rows = min(cfg.eval_rows, sum(len(p) for p, _ in eval_parts))
         # decoded per validation, not kept: at 512 px, 256 rows of pixels would hold ~0.8 GB for the whole run
         held_out = EncodedExamples(mix(eval_parts, rows, seed=cfg.seed + 1), prompter, cfg.max_answer_tokens,
