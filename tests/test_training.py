@@ -381,16 +381,23 @@ def test_build_default_set_overrides_typed_recipe_fields_and_rejects_unknown_one
                           capture_output=True, text=True).stdout.count("give it its own --out folder") == 1
 
 
-def test_build_default_continues_both_models_from_the_shared_base_phase_when_base_steps_is_set(monkeypatch, tmp_path):
+def _stub_build_stages_before_training(monkeypatch) -> None:
+    """build_default's data, initial model and head stages as no-ops, so a test sees only its training runs."""
     import training.build_default as bd
     import training.init_model
     import training.phantom
-    import training.train as tt
 
     monkeypatch.setattr(training.phantom, "write_dataset", lambda *a, **k: None)
     monkeypatch.setattr(training.init_model, "init_model", lambda *a, **k: None)
     monkeypatch.setattr(bd, "_medhalltune", lambda root, seed: {"train": [], "heldout": [], "pred_train": [], "pred_heldout": []})
     monkeypatch.setattr(bd, "fit_default_heads", lambda *a, **k: {})
+
+
+def test_build_default_continues_both_models_from_the_shared_base_phase_when_base_steps_is_set(monkeypatch, tmp_path):
+    import training.build_default as bd
+    import training.train as tt
+
+    _stub_build_stages_before_training(monkeypatch)
     monkeypatch.setattr(tt, "train", lambda cfg: Path(cfg.out))
     started_from = {}
     monkeypatch.setattr(tt, "train_side_by_side", lambda cfgs: [started_from.setdefault(Path(c.out).name, c.model) for c in cfgs])
@@ -401,14 +408,9 @@ def test_build_default_continues_both_models_from_the_shared_base_phase_when_bas
 
 def test_build_default_trains_phantom_alone_first_then_each_model_continues_on_the_full_mix(monkeypatch, tmp_path):
     import training.build_default as bd
-    import training.init_model
-    import training.phantom
     import training.train as tt
 
-    monkeypatch.setattr(training.phantom, "write_dataset", lambda *a, **k: None)
-    monkeypatch.setattr(training.init_model, "init_model", lambda *a, **k: None)
-    monkeypatch.setattr(bd, "_medhalltune", lambda root, seed: {"train": [], "heldout": [], "pred_train": [], "pred_heldout": []})
-    monkeypatch.setattr(bd, "fit_default_heads", lambda *a, **k: {})
+    _stub_build_stages_before_training(monkeypatch)
     runs = []
 
     def side_by_side(cfgs):

@@ -102,6 +102,10 @@ class DefaultRecipe:
             raise ValueError("`phantom_first_steps` must be in [0, steps)")
 
 
+BUILD_TIME = "about 12 minutes on 2 cores"
+"""What `build-default` takes from scratch (the README's measured figure), for messages."""
+
+
 def cache_root() -> Path:
     base = os.environ.get("MEDHALLGUARD_CACHE")
     return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medhallguard"
@@ -159,19 +163,19 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
         start = train(recipe_train_config(recipe, data, init_dir, out_root / "base", recipe.base_steps, positive_only=True))
         lap("train_base")
     models = (("tuned", False), ("baseline", True))
-    starts = {name: start for name, _ in models}
+    starts, firsts = {name: start for name, _ in models}, []
     if recipe.phantom_first_steps:
         phantom_only = replace(recipe, medhalltune_weight=0.0)
         firsts = train_side_by_side([recipe_train_config(phantom_only, data, start, out_root / f"{name}-phantom-first",
                                                          recipe.phantom_first_steps, positive_only)
                                      for name, positive_only in models])
-        starts = {name: path for (name, _), path in zip(models, firsts)}
+        starts = dict(zip((name for name, _ in models), firsts))
         lap("train_phantom_first")
     train_side_by_side([recipe_train_config(recipe, data, starts[name], out_root / name,
                                             recipe.steps - recipe.phantom_first_steps, positive_only)
                         for name, positive_only in models])
-    for name, _ in models:
-        shutil.rmtree(out_root / f"{name}-phantom-first", ignore_errors=True)
+    for first in firsts:  # the first phase's models, once each second phase has started from its own
+        shutil.rmtree(first, ignore_errors=True)
     lap("train_tuned_and_baseline")
 
     # 5) Guard heads on the tuned model's hidden states.
@@ -240,7 +244,7 @@ def ensure_default(log=print) -> Path:
     root = cache_root() / "default-build"
     model = default_model_dir()
     if not (model / "guard_heads.safetensors").is_file():
-        log(f"[build-default] building the default model under {root} (about 12 minutes on 2 cores) ...")
+        log(f"[build-default] building the default model under {root} ({BUILD_TIME}) ...")
         build_default(root, log=log)
         _publish(root / "tuned", model)
     elif not heads_are_current(model) and _refit_heads(root, publish=True) != 0:
@@ -305,7 +309,7 @@ def _refit_heads(root: Path, publish: bool) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build-default",
-        help="train the default nano model and its baseline from scratch (about 12 minutes on 2 cores)",
+        help=f"train the default nano model and its baseline from scratch ({BUILD_TIME})",
         description=__doc__,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
         epilog="examples:\n  medhallguard build-default  (then: medhallguard serve --model ~/.cache/medhallguard/models/default)\n"

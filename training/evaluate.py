@@ -79,10 +79,10 @@ def phantom_judgements(examples, answers) -> list:
 
 def phantom_rates(examples, judgements) -> dict:
     """Accuracy on positive questions and false-premise acceptance on negative ones, from phantom_judgements."""
-    pos = [j for j, e in zip(judgements, examples) if e.polarity == "positive"]
-    neg = [j for j, e in zip(judgements, examples) if e.polarity == "negative"]
     from training.metrics import proportion_interval
 
+    pos = [j for j, e in zip(judgements, examples) if e.polarity == "positive"]
+    neg = [j for j, e in zip(judgements, examples) if e.polarity == "negative"]
     right, accepted = sum(bool(j.correct) for j in pos), sum(bool(j.accepted_false_premise) for j in neg)
     return {
         "positive_questions": len(pos), "negative_questions": len(neg),
@@ -249,7 +249,7 @@ def render_markdown(r: dict) -> str:
     def gain(bounds) -> str:
         return "n/a" if not bounds or None in bounds else f"{bounds[0]:+.3f} to {bounds[1]:+.3f}"
 
-    rate = lambda r, key: with_interval(r[key], r.get(f"{key}_ci95"))  # noqa: E731
+    rate = lambda row, key: with_interval(row[key], row.get(f"{key}_ci95"))  # noqa: E731
     rows = [
         "| PhantomVQA held-out (value, 95% interval) | tuned | baseline (no negative questions) |",
         "|---|---|---|",

@@ -119,11 +119,6 @@ def tfidf_classifier_scores(train_texts, train_labels, test_texts) -> np.ndarray
     return clf.predict_proba(list(test_texts))[:, 1]
 
 
-def tfidf_classifier_auroc(train_texts, train_labels, test_texts, test_labels) -> float:
-    """The TF-IDF + logistic regression baseline's AUROC on the test texts."""
-    return auroc(test_labels, tfidf_classifier_scores(train_texts, train_labels, test_texts))
-
-
 def tfidf_regression_predictions(train_texts, train_targets, test_texts) -> np.ndarray:
     """Text-only baseline: TF-IDF + ridge regression -> [n_test, n_targets] predictions."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -134,10 +129,3 @@ def tfidf_regression_predictions(train_texts, train_targets, test_texts) -> np.n
     reg = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True), Ridge(alpha=1.0))
     reg.fit(list(train_texts), train_targets)
     return reg.predict(test_texts).reshape(len(test_texts), -1)
-
-
-def tfidf_regression_spearman(train_texts, train_targets, test_texts, test_targets) -> list[float]:
-    """The TF-IDF + ridge baseline's Spearman per target column."""
-    test_targets = np.asarray(test_targets, float)
-    pred = tfidf_regression_predictions(train_texts, train_targets, test_texts)
-    return [spearman(pred[:, k], test_targets[:, k]) for k in range(test_targets.shape[1])]
