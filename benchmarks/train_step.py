@@ -10,7 +10,7 @@ On the default recipe's data (PhantomVQA + MedHallTune training rows of a
 
 The cache's gain grows with the run's length: an image's tower output is reused
 only once the image recurs. The report gives each cached run's hit rate; the
-recipe's 2,000 steps draw each PhantomVQA training image about six times.
+recipe's 4,000 steps of 16 draw each PhantomVQA training image about six times.
 """
 
 from __future__ import annotations
@@ -90,8 +90,10 @@ def step_times(root: Path, steps: int, repeats: int, threads: int) -> dict:
 
 
 def report(head: dict, pad: dict, runs: dict, args, load_end, out: Path) -> None:
+    from training.build_default import DefaultRecipe
+
     lines = ["# Training step", "", *machine_lines(head, load_end),
-             f"Data and initial model: `{args.build_root}`. {args.steps} steps of batch 32 per run, "
+             f"Data and initial model: `{args.build_root}`. {args.steps} steps of batch {DefaultRecipe().batch_size} per run, "
              f"{args.repeats} runs per variant in rotation, {args.threads} threads.", "",
              "## Padded tokens over the recipe's run", "",
              md_table(["rows", "real tokens", "padded, plain order", "padded, grouped by length"],
