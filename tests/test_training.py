@@ -315,6 +315,21 @@ def test_vision_pretraining_changes_only_the_tower_and_connector_and_reports_hel
     load_guard(model)  # still a servable model directory
 
 
+def test_vision_presence_weight_adds_a_per_image_presence_loss_that_moves_the_tower(nano_models, phantom, tmp_path):
+    from training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    runs = {}
+    for weight in (0.0, 5.0):
+        model = tmp_path / f"model-{weight}"
+        shutil.copytree(nano_models["smolvlm"], model)
+        cfg = VisionPretrainConfig(steps=3, batch_size=4, presence_weight=weight, show_progress=False)
+        runs[weight] = (pretrain_vision(model, phantom, cfg, log=lambda *_: None), _weights(model))
+    (plain, w0), (with_presence, w5) = runs[0.0], runs[5.0]
+    assert "presence" not in plain["final_loss_ema"] and with_presence["final_loss_ema"]["presence"] > 0
+    assert any(not np.array_equal(w0[k], w5[k]) for k in w0 if ".vision_model." in k)
+    assert set(with_presence["heldout_probe"]["presence_auroc_image_probe"]) == set(plain["heldout_probe"]["presence"])
+
+
 def test_patch_targets_mark_exactly_the_patches_a_finding_is_drawn_in():
     from training.phantom import FINDING_KINDS, Case, finding_masks, generate
     from training.vision_pretrain import image_targets, patch_targets
