@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,8 @@ class DefaultRecipe:
     questions_per_image: int = 6
     image_size: int = 64
     vision_steps: int = 600
-    """Vision pretraining steps (of `vision_batch_size` images), shared by the tuned model and the baseline."""
+    """Vision pretraining steps (of `vision_batch_size` images), shared by the tuned model and the baseline.
+    Every `vision_*` field is the `VisionPretrainConfig` field of the same name without the prefix."""
     vision_batch_size: int = 64
     vision_presence_weight: float = 0.0
     """`VisionPretrainConfig.presence_weight`: per-image presence through the patch probe. Measured at 3,
@@ -74,7 +75,7 @@ class DefaultRecipe:
     """Optimizer steps for each of the tuned and baseline models (after `base_steps`), of
     `batch_size` rows. 4,000 of 16 sees the same rows as the earlier 2,000 of 32 for the same
     compute, with twice the updates: positive accuracy 0.773 and 0.699 for seeds 0 and 1, against
-    0.727 and 0.636, every other target held (reports/variants/batch16-steps4000*). 2,600 of 32 gave
+    0.727 and 0.636, every other target held (reports/default, reports/variants/batch16-steps4000-seed1). 2,600 of 32 gave
     0.762 and 0.671, but seed 0's int8 bundle failed the export parity gate
     (reports/variants/steps2600*)."""
     phantom_first_steps: int = 0
@@ -132,7 +133,7 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     from training.init_model import init_model
     from training.phantom import write_dataset
     from training.train import train, train_side_by_side
-    from training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+    from training.vision_pretrain import pretrain_vision
 
     out_root.mkdir(parents=True, exist_ok=True)
     data, timings = out_root / "data", {}
@@ -163,11 +164,7 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     init_model("smolvlm", "nano", init_dir, seed=recipe.seed,
                corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"])
     lap("init")
-    vision_cfg = VisionPretrainConfig(steps=recipe.vision_steps, batch_size=recipe.vision_batch_size,
-                                      dense_weight=recipe.vision_dense_weight,
-                                      presence_weight=recipe.vision_presence_weight,
-                                      pos_weight_max=recipe.vision_pos_weight_max, seed=recipe.seed)
-    vision = pretrain_vision(init_dir, data / "phantom", vision_cfg, log=log) if recipe.vision_steps else None
+    vision = pretrain_vision(init_dir, data / "phantom", vision_config(recipe), log=log) if recipe.vision_steps else None
     lap("vision")
 
     # 4) Tuned and baseline models, side by side (one process each, the cores split between them).
@@ -199,6 +196,15 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
               "vision_pretraining": vision, "head_calibration": metrics, "medhalltune_rows": {k: len(v) for k, v in mht.items()}}
     (out_root / "build_record.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def vision_config(recipe: DefaultRecipe):
+    """The recipe's `vision_*` fields, as the `VisionPretrainConfig` fields they name."""
+    from training.vision_pretrain import VisionPretrainConfig
+
+    prefix = "vision_"
+    return VisionPretrainConfig(seed=recipe.seed, **{f.name[len(prefix):]: getattr(recipe, f.name)
+                                                     for f in fields(recipe) if f.name.startswith(prefix)})
 
 
 def recipe_train_config(recipe: DefaultRecipe, data: Path, start: Path, out: Path, steps: int, positive_only: bool):

@@ -206,23 +206,22 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         image_loss = _image_loss(probes.image(feats), t)
         patch_logits = probes.patch(h)  # [B, P, K]
         patch_loss = F.binary_cross_entropy_with_logits(patch_logits, d, pos_weight=pos_weight)
-        presence_loss = F.binary_cross_entropy_with_logits(patch_logits.amax(1), t["present"]) \
-            if cfg.presence_weight else patch_loss.new_zeros(())
         tok = probes.token(feats)
         token_loss = F.binary_cross_entropy_with_logits(tok[..., :_K], per_token(d).amax(2), pos_weight=pos_weight) \
             + ((tok[..., _K:] - token_xy) ** 2).mean()
         center = (feats.mean(0) ** 2).sum(-1).mean() / (feats ** 2).sum(-1).mean()
-        loss = image_loss + cfg.dense_weight * patch_loss + cfg.presence_weight * presence_loss \
-            + cfg.token_weight * token_loss + cfg.center_weight * center
+        parts = {"image": (1.0, image_loss), "patch": (cfg.dense_weight, patch_loss)}
+        if cfg.presence_weight:
+            parts["presence"] = (cfg.presence_weight,
+                                 F.binary_cross_entropy_with_logits(patch_logits.amax(1), t["present"]))
+        parts.update(token=(cfg.token_weight, token_loss), center=(cfg.center_weight, center))
+        loss = sum(w * v for w, v in parts.values())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        for name, v in (("image", image_loss), ("patch", patch_loss), ("presence", presence_loss), ("token", token_loss),
-                        ("center", center)):
-            if name == "presence" and not cfg.presence_weight:
-                continue
+        for name, (_, v) in parts.items():
             ema[name] = v.item() if name not in ema else 0.95 * ema[name] + 0.05 * v.item()
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
     bar.close()
