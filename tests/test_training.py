@@ -330,6 +330,38 @@ def test_vision_presence_weight_adds_a_per_image_presence_loss_that_moves_the_to
     assert set(with_presence["heldout_probe"]["presence_auroc_image_probe"]) == set(plain["heldout_probe"]["presence"])
 
 
+def test_attention_image_probe_reads_the_tokens_by_content_not_by_position():
+    import torch
+
+    from training.vision_pretrain import _N_IMAGE, _Probes
+
+    torch.manual_seed(0)
+    feats = torch.randn(3, 16, 128)
+    shuffled = feats[:, torch.randperm(16)]
+    attention = _Probes(16, 128, 64, "attention").image
+    flat = _Probes(16, 128, 64, "flat").image
+    with torch.no_grad():
+        assert attention(feats).shape == flat(feats).shape == (3, _N_IMAGE)
+        torch.testing.assert_close(attention(shuffled), attention(feats))  # a query finds a token wherever it is
+        assert not torch.allclose(flat(shuffled), flat(feats))  # the flat probe weighs each position on its own
+
+
+def test_vision_pretraining_with_the_attention_probe_trains_the_tower(nano_models, phantom, tmp_path):
+    from training.phantom import FINDING_KINDS
+    from training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    model = tmp_path / "model"
+    shutil.copytree(nano_models["smolvlm"], model)
+    before = _weights(model)
+    cfg = VisionPretrainConfig(steps=3, batch_size=4, image_probe="attention", show_progress=False)
+    record = pretrain_vision(model, phantom, cfg, log=lambda *_: None)
+    after = _weights(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if ".vision_model." in k)
+    assert record["config"]["image_probe"] == "attention" and set(record["heldout_probe"]["presence"]) == set(FINDING_KINDS)
+    with pytest.raises(ValueError, match="image_probe"):
+        VisionPretrainConfig(image_probe="linear")
+
+
 def test_patch_targets_mark_exactly_the_patches_a_finding_is_drawn_in():
     from training.phantom import FINDING_KINDS, Case, finding_masks, generate
     from training.vision_pretrain import image_targets, patch_targets

@@ -59,6 +59,8 @@ class DefaultRecipe:
     reports/variants/vision-presence), so the recipe keeps 0."""
     vision_pos_weight_max: float = 50.0
     """`VisionPretrainConfig.pos_weight_max`: cap on the patch loss's positive-class weight."""
+    vision_image_probe: str = "flat"
+    """`VisionPretrainConfig.image_probe`: how the per-image probe reads the tokens ("flat" or "attention")."""
     vision_dense_weight: float = 1.0
     """The per-patch loss's weight in vision pretraining (`VisionPretrainConfig.dense_weight`). Measured
     at 5 with 2,000 steps: positive accuracy 0.699, p(hallucination) AUROC 0.902, against 0.727 and 0.925."""
@@ -363,7 +365,7 @@ def recipe_with(overrides: list[str]) -> DefaultRecipe:
                     raise ValueError(text)
                 changes[name] = text.lower() in ("true", "1")
             else:
-                changes[name] = {"int": int, "float": float}[kind](text)
+                changes[name] = {"int": int, "float": float, "str": str}[kind](text)
         except ValueError:
             raise ValueError(f"--set {item!r}: {name} takes a {kind} value") from None
     return replace(DefaultRecipe(), **changes)

@@ -58,8 +58,21 @@ class VisionPretrainConfig:
     """Cap on the patch loss's positive-class weight (the inverse odds of a patch showing the kind).
     On the default recipe's images every kind covers under 1.1% of the patches (calcifications and
     fractures 0.23%: odds 1 to ~430), so the cap binds for all of them."""
+    image_probe: str = "flat"
+    """How the per-image probe reads the image tokens. "flat": one linear map over all the tokens
+    flattened (it can weigh each token position on its own). "attention": the way the text model
+    reads them, one learned query per finding kind (and one for the image) attending over the
+    RMS-normalised tokens, a linear read-out of what it pools; the tokens must then carry each
+    kind's presence as a direction a query can find and its attributes in what it pools."""
     seed: int = 0
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_probe not in IMAGE_PROBES:
+            raise ValueError(f"`image_probe` must be one of {IMAGE_PROBES}, got {self.image_probe!r}")
+
+
+IMAGE_PROBES = ("flat", "attention")
 
 
 def image_targets(case: Case) -> dict[str, np.ndarray]:
@@ -85,15 +98,49 @@ def patch_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
     return out
 
 
-class _Probes:
-    """The discarded heads: image (flattened tokens), patch (vision width), token (text width)."""
+_N_IMAGE = 1 + _K + _K + 3 * _K + _K + _MAX_COUNT * _K  # the image probe's logits (`_split_image_logits`)
+_PER_KIND = 1 + 1 + 3 + 1 + _MAX_COUNT  # presence, side, zone, size, count
 
-    def __init__(self, n_tokens: int, text_dim: int, vision_dim: int):
+
+def _attention_reader(text_dim: int, key_dim: int = 32):
+    """[B, T, D] image tokens -> [B, _N_IMAGE] logits, read by attention: one query per finding kind
+    plus one for the whole image, each pooling the RMS-normalised tokens into its own read-out."""
+    import torch
+
+    class Reader(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.RMSNorm(text_dim)
+            self.queries = torch.nn.Parameter(torch.randn(_K + 1, key_dim) * key_dim ** -0.5)
+            self.key = torch.nn.Linear(text_dim, key_dim, bias=False)
+            self.value = torch.nn.Linear(text_dim, text_dim, bias=False)
+            self.kind_out = torch.nn.Parameter(torch.randn(_K, text_dim, _PER_KIND) * text_dim ** -0.5)
+            self.kind_bias = torch.nn.Parameter(torch.zeros(_K, _PER_KIND))
+            self.image_out = torch.nn.Linear(text_dim, 1)
+
+        def forward(self, feats):
+            x = self.norm(feats)
+            weights = torch.softmax(torch.einsum("qd,btd->bqt", self.queries, self.key(x)) * self.key.out_features ** -0.5, -1)
+            pooled = torch.einsum("bqt,btd->bqd", weights, self.value(x))  # [B, K + 1, D]
+            per_kind = torch.einsum("bkd,kdo->bko", pooled[:, :_K], self.kind_out) + self.kind_bias  # [B, K, 9]
+            zone, count = per_kind[..., 2:5].reshape(-1, 3 * _K), per_kind[..., 6:].reshape(-1, _MAX_COUNT * _K)
+            return torch.cat([self.image_out(pooled[:, _K]), per_kind[..., 0], per_kind[..., 1], zone,
+                              per_kind[..., 5], count], -1)  # the layout `_split_image_logits` reads
+
+    return Reader()
+
+
+class _Probes:
+    """The discarded heads: image (flattened tokens, or read by attention), patch (vision width), token (text width)."""
+
+    def __init__(self, n_tokens: int, text_dim: int, vision_dim: int, image_probe: str = "flat"):
         import torch
 
-        n_image = 1 + _K + _K + 3 * _K + _K + _MAX_COUNT * _K
-        self.image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(n_tokens * text_dim),
-                                         torch.nn.Linear(n_tokens * text_dim, n_image))
+        if image_probe == "attention":
+            self.image = _attention_reader(text_dim)
+        else:
+            self.image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(n_tokens * text_dim),
+                                             torch.nn.Linear(n_tokens * text_dim, _N_IMAGE))
         self.patch = torch.nn.Linear(vision_dim, _K)
         self.token = torch.nn.Linear(text_dim, _K + 2)
 
@@ -185,7 +232,8 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         return connector.pixel_shuffle(x, connector.scale_factor).reshape(x.shape[0], -1, groups, x.shape[-1])
 
     token_xy = per_token(xy).mean(2)  # [1, T, 2]: one row per image token
-    probes = _Probes(token_xy.shape[1], model.config.text_config.hidden_size, model.config.vision_config.hidden_size)
+    probes = _Probes(token_xy.shape[1], model.config.text_config.hidden_size, model.config.vision_config.hidden_size,
+                     cfg.image_probe)
     rate = dense.mean((0, 1))
     pos_weight = torch.tensor((1 - rate) / np.maximum(rate, 1e-4), dtype=torch.float32).clamp(max=cfg.pos_weight_max)
 
