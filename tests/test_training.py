@@ -424,6 +424,9 @@ def test_build_default_set_overrides_typed_recipe_fields_and_rejects_unknown_one
         recipe_with(["stepz=3"])
     with pytest.raises(ValueError, match="steps takes a int value"):
         recipe_with(["steps=many"])
+    assert recipe_with(["vision_image_probe=flat"]).vision_image_probe == "flat"
+    with pytest.raises(ValueError, match="vision_image_probe"):
+        recipe_with(["vision_image_probe=linear"])
     assert subprocess.run([sys.executable, "-m", "server.cli", "build-default", "--set", "seed=1"], cwd=ROOT,
                           capture_output=True, text=True).stdout.count("give it its own --out folder") == 1
 
