@@ -98,8 +98,11 @@ def patch_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
     return out
 
 
-_N_IMAGE = 1 + _K + _K + 3 * _K + _K + _MAX_COUNT * _K  # the image probe's logits (`_split_image_logits`)
-_PER_KIND = 1 + 1 + 3 + 1 + _MAX_COUNT  # presence, side, zone, size, count
+_KIND_LOGITS = (("present", 1), ("side", 1), ("zone", 3), ("size", 1), ("count", _MAX_COUNT))
+"""Per finding kind, the image probe's logits for each label (`image_targets`)."""
+_IMAGE_LAYOUT = (("modality", 1),) + tuple((name, n * _K) for name, n in _KIND_LOGITS)
+"""The image probe's output, [B, _N_IMAGE]: these blocks in this order, each kind-major."""
+_N_IMAGE = sum(n for _, n in _IMAGE_LAYOUT)
 
 
 def _attention_reader(text_dim: int, key_dim: int = 32):
@@ -114,8 +117,9 @@ def _attention_reader(text_dim: int, key_dim: int = 32):
             self.queries = torch.nn.Parameter(torch.randn(_K + 1, key_dim) * key_dim ** -0.5)
             self.key = torch.nn.Linear(text_dim, key_dim, bias=False)
             self.value = torch.nn.Linear(text_dim, text_dim, bias=False)
-            self.kind_out = torch.nn.Parameter(torch.randn(_K, text_dim, _PER_KIND) * text_dim ** -0.5)
-            self.kind_bias = torch.nn.Parameter(torch.zeros(_K, _PER_KIND))
+            per_kind = sum(n for _, n in _KIND_LOGITS)
+            self.kind_out = torch.nn.Parameter(torch.randn(_K, text_dim, per_kind) * text_dim ** -0.5)
+            self.kind_bias = torch.nn.Parameter(torch.zeros(_K, per_kind))
             self.image_out = torch.nn.Linear(text_dim, 1)
 
         def forward(self, feats):
@@ -123,9 +127,8 @@ def _attention_reader(text_dim: int, key_dim: int = 32):
             weights = torch.softmax(torch.einsum("qd,btd->bqt", self.queries, self.key(x)) * self.key.out_features ** -0.5, -1)
             pooled = torch.einsum("bqt,btd->bqd", weights, self.value(x))  # [B, K + 1, D]
             per_kind = torch.einsum("bkd,kdo->bko", pooled[:, :_K], self.kind_out) + self.kind_bias  # [B, K, 9]
-            zone, count = per_kind[..., 2:5].reshape(-1, 3 * _K), per_kind[..., 6:].reshape(-1, _MAX_COUNT * _K)
-            return torch.cat([self.image_out(pooled[:, _K]), per_kind[..., 0], per_kind[..., 1], zone,
-                              per_kind[..., 5], count], -1)  # the layout `_split_image_logits` reads
+            blocks = list(torch.split(per_kind, [n for _, n in _KIND_LOGITS], -1))  # each [B, K, n]
+            return torch.cat([self.image_out(pooled[:, _K])] + [b.flatten(1) for b in blocks], -1)  # _IMAGE_LAYOUT
 
     return Reader()
 
@@ -155,8 +158,7 @@ class _Probes:
 def _split_image_logits(z):
     """[B, n_image] -> named logits."""
     parts, o = {}, 0
-    for name, n in (("modality", 1), ("present", _K), ("side", _K), ("zone", 3 * _K), ("size", _K),
-                    ("count", _MAX_COUNT * _K)):
+    for name, n in _IMAGE_LAYOUT:
         parts[name] = z[:, o:o + n]
         o += n
     parts["zone"] = parts["zone"].reshape(-1, _K, 3)
