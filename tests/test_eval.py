@@ -301,7 +301,7 @@ def test_the_default_report_shows_the_premise_ablation_from_the_build_record(tmp
               "medhalltune": {"heldout_questions": 2, "premise_auroc_guard": 0.96, "premise_auroc_tfidf_logreg": 0.94,
                               "spearman_guard": {}, "spearman_tfidf_ridge": {}, "premise_head": record}}
     md = render_markdown(report)
-    assert "| both (the served head) | 0.950 |" in md and "| question hidden states only | 0.930 |" in md
+    assert "| both (the served head, before its refit on every row) | 0.950 |" in md and "| question hidden states only | 0.930 |" in md
     report["medhalltune"]["premise_head"] = None
     assert "ablation" not in render_markdown(report)
 

@@ -129,9 +129,27 @@ def test_head_fitting_pipeline_writes_trained_heads_the_runtime_loads(nano_model
     guard = load_guard(model)
     assert guard.heads.trained and guard.heads.info["calibration"]["answer_rows"] == len(labelled) + len(scored)
     assert {"p_hallucination_auroc", "premise_auroc", "risk_level_spearman"} <= metrics.keys()
-    assert len(guard.heads.premise_ngrams) == metrics["premise_ngram_vocabulary"] > 0
+    assert len(guard.heads.premise_ngrams) == metrics["premise_refit"]["premise_ngram_vocabulary"] > 0
     assert metrics["premise_fit_rows"] in ("medhalltune", "all")
     assert {"hidden", "ngrams", "both"} <= metrics["premise_ablation"]["medhalltune"].keys()
+
+
+def test_the_served_premise_head_is_refit_on_every_row_with_the_calibration_folds_temperature(nano_models, phantom):
+    from training.data import load_examples
+    from training.heads import HeadFitConfig, collect_features, fit_heads, fit_premise
+
+    examples = load_examples(phantom / "train.json", phantom / "images").examples
+    scored = [dataclasses.replace(e, model_answer="No.", scores=(i % 9 + 1.0,) * 4) for i, e in enumerate(examples[24:72])]
+    rows = collect_features(nano_models["smolvlm"], examples[:24], scored, answer_models=[nano_models["smolvlm"]],
+                            max_new_tokens=4, batch_size=8, log=lambda *_: None)
+    rows.answer_y = [[float(i % 2)] + y[1:] for i, y in enumerate(rows.answer_y)]
+    held, _ = fit_heads(rows, HeadFitConfig(steps=5, premise_refit=False))
+    refit, metrics = fit_heads(rows, HeadFitConfig(steps=5))
+    x, y = np.stack(rows.premise_x), np.array(rows.premise_y)
+    everything, _, _, _ = fit_premise(x, rows.premise_ids, y, rows.premise_group,
+                                      np.array(rows.premise_source) == "medhalltune")
+    assert np.array_equal(refit.premise.w, everything.w) and not np.array_equal(held.premise.w, everything.w)
+    assert refit.premise_temperature == held.premise_temperature == pytest.approx(metrics["premise_temperature"], abs=1e-4)
 
 
 @pytest.mark.timeout(600)
@@ -429,6 +447,42 @@ def test_build_default_set_overrides_typed_recipe_fields_and_rejects_unknown_one
         recipe_with(["vision_image_probe=linear"])
     assert subprocess.run([sys.executable, "-m", "server.cli", "build-default", "--set", "seed=1"], cwd=ROOT,
                           capture_output=True, text=True).stdout.count("give it its own --out folder") == 1
+
+
+def test_a_source_with_a_polarity_draws_only_that_polaritys_rows(phantom, tmp_path):
+    from training.data import mix
+    from training.train import load_training_examples
+
+    path = str(phantom / "train.json")
+    cfg = _cfg("m", tmp_path, phantom, data=(DataSource(path, 3.0, polarity="positive"),
+                                             DataSource(path, 1.0, polarity="negative")))
+    parts, record = load_training_examples(cfg)
+    assert [{e.polarity for e in rows} for rows, _ in parts] == [{"positive"}, {"negative"}]
+    assert [s["polarity_filter"] for s in record["sources"]] == ["positive", "negative"]
+    drawn = mix(parts, 400, seed=0)
+    assert sum(e.polarity == "negative" for e in drawn) == 100
+    assert DataSource.parse("a.json:3::positive") == DataSource("a.json", 3.0, None, "positive")
+    assert DataSource.parse("a.json:2:imgs") == DataSource("a.json", 2.0, "imgs")
+    with pytest.raises(ValueError, match="polarity must be one of positive, negative.*'postive'"):
+        DataSource.parse("a.json:1::postive")
+    with pytest.raises(ValueError, match="WEIGHT must be a number, got 'heavy'"):
+        DataSource.parse("a.json:heavy")
+
+
+def test_the_tuned_mix_draws_phantom_negatives_at_the_recipe_share_and_the_baseline_none(tmp_path):
+    from training.build_default import DefaultRecipe, recipe_train_config
+
+    recipe = DefaultRecipe(phantom_negative_share=0.2, medhalltune_weight=0.25)
+    tuned = recipe_train_config(recipe, tmp_path, tmp_path / "init", tmp_path / "tuned", 10, positive_only=False)
+    phantom, mht = str(tmp_path / "phantom" / "train.json"), str(tmp_path / "medhalltune" / "train.json")
+    assert [(s.path, s.polarity) for s in tuned.data] == [(phantom, "positive"), (phantom, "negative"), (mht, None)]
+    assert [s.weight for s in tuned.data] == pytest.approx([0.6, 0.15, 0.25])
+    baseline = recipe_train_config(recipe, tmp_path, tmp_path / "init", tmp_path / "baseline", 10, positive_only=True)
+    assert baseline.positive_only and [(s.path, s.polarity, s.weight) for s in baseline.data] == [
+        (phantom, None, 0.75), (mht, None, 0.25)]
+    for share in (0.0, 1.0):
+        with pytest.raises(ValueError, match="phantom_negative_share"):
+            DefaultRecipe(phantom_negative_share=share)
 
 
 def _stub_build_stages_before_training(monkeypatch) -> None:

@@ -296,7 +296,7 @@ def render_markdown(r: dict) -> str:
                  "|---|---|"]
         rows += [f"| {label} | {fmt(ablation.get(key))} |" for key, label in (
             ("hidden", "question hidden states only"), ("ngrams", "question token n-grams only"),
-            ("both", "both (the served head)"))]
+            ("both", "both (the served head, before its refit on every row)"))]
     return "\n".join(rows) + "\n"
 
 

@@ -19,7 +19,7 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from guard.head import GuardHeads
 from guard.preprocess import preprocess
 from guard.prompt import Prompter
 from guard.spec import HEADS_FILE, META_FILE, spec_from_hf_dir
-from training.data import BLANK_IMAGE_NOTE, VqaExample, group_by_length, image_payload, load_examples, mix
+from training.data import BLANK_IMAGE_NOTE, POLARITIES, VqaExample, group_by_length, image_payload, load_examples, mix
 from training.features import fill_image_slots
 
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
@@ -45,13 +45,28 @@ class DataSource:
     """Relative share of training samples drawn from this source."""
     image_dir: str | None = None
     """Folder its image names resolve against (default: the file's folder, then its `images/`)."""
+    polarity: str | None = None
+    """"positive" or "negative": draw only that polarity's rows from the file (None: all of them), so that
+    one file can be two sources with their own weights, e.g. more positive questions in a tuned mix."""
+
+    def __post_init__(self):
+        if self.polarity not in (None, *POLARITIES):
+            raise ValueError(f"{self.path}: polarity must be one of {', '.join(POLARITIES)} or unset, "
+                             f"got {self.polarity!r}")
+        if self.weight < 0:
+            raise ValueError(f"{self.path}: weight must be >= 0, got {self.weight}")
 
     @classmethod
     def parse(cls, spec: str) -> "DataSource":
-        """`PATH[:WEIGHT[:IMAGE_DIR]]`."""
+        """`PATH[:WEIGHT[:IMAGE_DIR[:POLARITY]]]` (an empty IMAGE_DIR keeps the default)."""
         path, _, rest = spec.partition(":")
-        weight, _, image_dir = rest.partition(":")
-        return cls(path, float(weight) if weight else 1.0, image_dir or None)
+        weight, _, rest = rest.partition(":")
+        image_dir, _, polarity = rest.partition(":")
+        try:
+            weight_value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--data {spec!r}: WEIGHT must be a number, got {weight!r}") from None
+        return cls(path, weight_value, image_dir or None, polarity or None)
 
 
 @dataclass(frozen=True)
@@ -143,11 +158,14 @@ def load_training_examples(cfg: TrainConfig, sources: tuple[DataSource, ...] | N
     for src in cfg.data if sources is None else sources:
         image_dir = src.image_dir or _default_image_dir(Path(src.path))
         ds = load_examples(src.path, image_dir, allow_missing_images=cfg.allow_missing_images)
-        examples = [e for e in ds.examples if not (cfg.positive_only and e.polarity == "negative")]
+        examples = [e for e in ds.examples if not (cfg.positive_only and e.polarity == "negative")
+                    and src.polarity in (None, e.polarity)]
         if not examples:
-            raise ValueError(f"{src.path} has no usable examples (positive_only={cfg.positive_only})")
+            raise ValueError(f"{src.path} has no usable examples (positive_only={cfg.positive_only}, "
+                             f"polarity={src.polarity})")
         parts.append((examples, src.weight))
-        record["sources"].append({"path": src.path, "weight": src.weight, "sha256": ds.sha256, "rows": len(examples),
+        record["sources"].append({"path": src.path, "weight": src.weight, "polarity_filter": src.polarity,
+                                  "sha256": ds.sha256, "rows": len(examples),
                                   "polarity": ds.by_polarity(), "missing_images": ds.missing_images})
         if ds.missing_images:
             record["notes"].append(f"{src.path}: {ds.missing_images} rows without images. {BLANK_IMAGE_NOTE}")
@@ -479,7 +497,6 @@ def train_side_by_side(cfgs: list[TrainConfig]) -> list[Path]:
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    from dataclasses import replace
 
     import torch
 
@@ -596,8 +613,9 @@ def add_parser(subparsers) -> None:
 def _add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="input model directory (Hugging Face save_pretrained layout)")
     p.add_argument("--out", required=True, help="output directory; rerun with the same one to resume")
-    p.add_argument("--data", action="append", required=True, metavar="FILE[:WEIGHT[:IMAGE_DIR]]",
-                   help="a MedHallTune-format file (JSONL or LLaVA JSON), optionally weighted; repeatable")
+    p.add_argument("--data", action="append", required=True, metavar="FILE[:WEIGHT[:IMAGE_DIR[:POLARITY]]]",
+                   help="a MedHallTune-format file (JSONL or LLaVA JSON), optionally weighted; repeatable. POLARITY "
+                        "(positive or negative) draws only those rows, e.g. --data qa.json:3::positive --data qa.json:1::negative")
     p.add_argument("--image-dir", help="default image folder for --data files that name none")
     p.add_argument("--allow-missing-images", action="store_true",
                    help="train rows whose image is missing on a blank image (recorded in train_record.json)")
@@ -638,7 +656,7 @@ def _add_arguments(p) -> None:
 def config_from_args(args) -> TrainConfig:
     def sources(specs) -> tuple[DataSource, ...]:
         parsed = [DataSource.parse(spec) for spec in specs]
-        return tuple(DataSource(s.path, s.weight, s.image_dir or args.image_dir) for s in parsed)
+        return tuple(replace(s, image_dir=s.image_dir or args.image_dir) for s in parsed)
 
     return TrainConfig(model=args.model, out=args.out, data=sources(args.data), mode=args.mode, steps=args.steps,
                        eval_data=sources(args.eval_data), eval_every=args.eval_every, eval_rows=args.eval_rows,
