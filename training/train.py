@@ -46,8 +46,8 @@ class DataSource:
     image_dir: str | None = None
     """Folder its image names resolve against (default: the file's folder, then its `images/`)."""
     polarity: str | None = None
-    """"positive" or "negative": draw only that polarity's rows from the file (None: all of them), so that
-    one file can be two sources with their own weights, e.g. more positive questions in a tuned mix."""
+    """Draw only the file's "positive" or only its "negative" rows (None: all of them), so that one file
+    can be two sources with their own weights, e.g. more positive questions in a tuned mix."""
 
     def __post_init__(self):
         if self.polarity not in (None, *POLARITIES):
@@ -65,7 +65,7 @@ class DataSource:
         try:
             weight_value = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"--data {spec!r}: WEIGHT must be a number, got {weight!r}") from None
+            raise ValueError(f"data source {spec!r}: WEIGHT must be a number, got {weight!r}") from None
         return cls(path, weight_value, image_dir or None, polarity or None)
 
 
@@ -668,7 +668,11 @@ def config_from_args(args) -> TrainConfig:
 
 
 def _run(args) -> int:
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # a bad --data spec or setting: say which, no traceback
+        print(f"medhallguard train: {e}")
+        return 2
     out = train(cfg)
     from accelerate import PartialState
 
