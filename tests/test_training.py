@@ -521,16 +521,19 @@ def test_build_default_trains_phantom_alone_first_then_each_model_continues_on_t
     runs = []
 
     def side_by_side(cfgs):
-        runs.append({Path(c.out).name: (Path(c.model).name, c.steps, sorted(Path(s.path).parent.name for s in c.data),
+        runs.append({Path(c.out).name: (Path(c.model).name, c.steps,
+                                        sorted(f"{Path(s.path).parent.name}:{s.polarity or 'all'}" for s in c.data),
                                         c.positive_only) for c in cfgs})
         return [Path(c.out) for c in cfgs]
 
     monkeypatch.setattr(tt, "train_side_by_side", side_by_side)
     bd.build_default(tmp_path, bd.recipe_with(["phantom_first_steps=3", "steps=10", "vision_steps=0"]), log=lambda *a: None)
+    tuned_phantom = ["phantom:negative", "phantom:positive"]
     assert runs == [
-        {"tuned-phantom-first": ("init", 3, ["phantom"], False), "baseline-phantom-first": ("init", 3, ["phantom"], True)},
-        {"tuned": ("tuned-phantom-first", 7, ["medhalltune", "phantom"], False),
-         "baseline": ("baseline-phantom-first", 7, ["medhalltune", "phantom"], True)},
+        {"tuned-phantom-first": ("init", 3, tuned_phantom, False),
+         "baseline-phantom-first": ("init", 3, ["phantom:all"], True)},
+        {"tuned": ("tuned-phantom-first", 7, ["medhalltune:all", *tuned_phantom], False),
+         "baseline": ("baseline-phantom-first", 7, ["medhalltune:all", "phantom:all"], True)},
     ]
     with pytest.raises(ValueError, match="phantom_first_steps"):
         bd.recipe_with(["phantom_first_steps=10", "steps=10"])
