@@ -11,8 +11,9 @@ The recipe, end to end on CPU:
   4) Full training of the connector and text model (the tower stays fixed) on
      PhantomVQA + MedHallTune (train parts), with next-token loss on the
      question's tokens too, `steps` each: with the negative questions
-     (`phantom_negative_share` of its PhantomVQA rows), the tuned model; without them, the baseline ("before tuning": the same recipe
-     without negatives). Rows are batched by length, and each image goes
+     (`phantom_negative_share` of its PhantomVQA rows), the tuned model;
+     without them, the baseline ("before tuning": the same recipe without
+     negatives). Rows are batched by length, and each image goes
      through the fixed tower once. The two train at the same time, in two
      processes (`training.train.train_side_by_side`). (`base_steps` can put a shared phase on
      positive questions only before both; measured, it is off by default.)

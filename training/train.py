@@ -154,10 +154,12 @@ class TrainConfig:
 def load_training_examples(cfg: TrainConfig, sources: tuple[DataSource, ...] | None = None
                            ) -> tuple[list[tuple[list[VqaExample], float]], dict]:
     """Load and filter `sources` (default: the training data); -> ([(examples, weight)], data record)."""
-    parts, record = [], {"sources": [], "notes": []}
+    parts, record, loaded = [], {"sources": [], "notes": []}, {}
     for src in cfg.data if sources is None else sources:
         image_dir = src.image_dir or _default_image_dir(Path(src.path))
-        ds = load_examples(src.path, image_dir, allow_missing_images=cfg.allow_missing_images)
+        if (src.path, image_dir) not in loaded:  # one file's two polarities are read and parsed once
+            loaded[src.path, image_dir] = load_examples(src.path, image_dir, allow_missing_images=cfg.allow_missing_images)
+        ds = loaded[src.path, image_dir]
         examples = [e for e in ds.examples if not (cfg.positive_only and e.polarity == "negative")
                     and src.polarity in (None, e.polarity)]
         if not examples:

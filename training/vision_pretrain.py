@@ -157,10 +157,7 @@ class _Probes:
 
 def _split_image_logits(z):
     """[B, n_image] -> named logits."""
-    parts, o = {}, 0
-    for name, n in _IMAGE_LAYOUT:
-        parts[name] = z[:, o:o + n]
-        o += n
+    parts = dict(zip((name for name, _ in _IMAGE_LAYOUT), z.split([n for _, n in _IMAGE_LAYOUT], -1)))
     parts["zone"] = parts["zone"].reshape(-1, _K, 3)
     parts["count"] = parts["count"].reshape(-1, _K, _MAX_COUNT)
     return parts
