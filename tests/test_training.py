@@ -250,6 +250,16 @@ def test_freeze_vision_keeps_the_tower_fixed_while_the_connector_and_text_model_
     assert any(".connector." in k for k in moved) and any(".text_model." in k for k in moved)
 
 
+def test_freeze_connector_keeps_the_tower_and_connector_fixed_while_the_text_model_trains(nano_models, phantom, tmp_path):
+    before = _weights(nano_models["smolvlm"])
+    out = train(_cfg(nano_models["smolvlm"], tmp_path / "frozen", phantom, freeze_vision=True, freeze_connector=True,
+                     checkpoint_every=0))
+    after = _weights(out)
+    fixed = [k for k in before if ".vision_model." in k or ".connector." in k]
+    assert any(".connector." in k for k in fixed) and all(np.array_equal(before[k], after[k]) for k in fixed)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if ".text_model." in k)
+
+
 def test_the_tower_cache_trains_to_the_same_weights_as_running_the_tower_every_step(nano_models, phantom, tmp_path):
     kw = dict(freeze_vision=True, checkpoint_every=0, steps=8, group_by_length=True)
     cached = train(_cfg(nano_models["smolvlm"], tmp_path / "cached", phantom, **kw))
@@ -333,19 +343,24 @@ def test_vision_pretraining_changes_only_the_tower_and_connector_and_reports_hel
     load_guard(model)  # still a servable model directory
 
 
-def test_vision_presence_weight_adds_a_per_image_presence_loss_that_moves_the_tower(nano_models, phantom, tmp_path):
+@pytest.mark.parametrize("weight, loss", [("presence_weight", "presence"), ("centre_weight", "centre")])
+def test_an_extra_vision_loss_is_trained_on_and_moves_the_tower(nano_models, phantom, tmp_path, weight, loss):
     from training.vision_pretrain import VisionPretrainConfig, pretrain_vision
 
     runs = {}
-    for weight in (0.0, 5.0):
-        model = tmp_path / f"model-{weight}"
+    for value in (0.0, 5.0):
+        model = tmp_path / f"model-{value}"
         shutil.copytree(nano_models["smolvlm"], model)
-        cfg = VisionPretrainConfig(steps=3, batch_size=4, presence_weight=weight, show_progress=False)
-        runs[weight] = (pretrain_vision(model, phantom, cfg, log=lambda *_: None), _weights(model))
-    (plain, w0), (with_presence, w5) = runs[0.0], runs[5.0]
-    assert "presence" not in plain["final_loss_ema"] and with_presence["final_loss_ema"]["presence"] > 0
+        cfg = VisionPretrainConfig(steps=3, batch_size=4, show_progress=False, **{weight: value})
+        runs[value] = (pretrain_vision(model, phantom, cfg, log=lambda *_: None), _weights(model))
+    (plain, w0), (extra, w5) = runs[0.0], runs[5.0]
+    assert loss not in plain["final_loss_ema"] and extra["final_loss_ema"][loss] > 0
     assert any(not np.array_equal(w0[k], w5[k]) for k in w0 if ".vision_model." in k)
-    assert set(with_presence["heldout_probe"]["presence_auroc_image_probe"]) == set(plain["heldout_probe"]["presence"])
+    assert set(extra["heldout_probe"]["presence_auroc_image_probe"]) == set(plain["heldout_probe"]["presence"])
+    assert 0 <= plain["heldout_probe"]["count"] <= 1 and plain["heldout_probe"]["size_mae_mm"] >= 0
+    # the centre probe's count is reported only when it was trained
+    assert ("count_centre_sum" in extra["heldout_probe"]) == (loss == "centre")
+    assert "count_centre_sum" not in plain["heldout_probe"]
 
 
 def test_attention_image_probe_reads_the_tokens_by_content_not_by_position():
@@ -397,6 +412,21 @@ def test_patch_targets_mark_exactly_the_patches_a_finding_is_drawn_in():
     assert t["present"].sum() == 2 and (t["side"] >= 0).sum() == 2 and np.isnan(t["size"]).sum() == len(FINDING_KINDS) - 2
     normal = Case("normal", "chest X-ray", (), 1, 5.0)
     assert not patch_targets(normal, 64, grid).any() and image_targets(normal)["present"].sum() == 0
+
+
+def test_centre_targets_put_each_counted_disc_in_one_patch_it_is_drawn_in():
+    from training.phantom import COUNT_KINDS, FINDING_KINDS, generate
+    from training.vision_pretrain import centre_targets, patch_targets
+
+    grid, checked = 16, 0
+    for case in generate(200, seed=5):
+        centres, drawn = centre_targets(case, 64, grid), patch_targets(case, 64, grid)
+        for j, kind in enumerate(COUNT_KINDS):
+            f = case.finding(kind)
+            assert centres[:, j].sum() == (f.count if f else 0)
+            assert (drawn[centres[:, j] > 0, FINDING_KINDS.index(kind)] == 1).all()
+            checked += bool(f and f.count > 1)
+    assert checked  # the generated cases include several discs of one kind
 
 
 def test_source_balance_weighs_each_source_alike_with_mean_one():

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.phantom import COUNT_KINDS, FINDING_KINDS, SIDES, ZONES, Case, finding_masks, read_cases
+from training.phantom import COUNT_KINDS, FINDING_KINDS, REFERENCE_SIZE, SIDES, ZONES, Case, finding_masks, read_cases
 
 _K = len(FINDING_KINDS)
+_COUNTED = [FINDING_KINDS.index(k) for k in COUNT_KINDS]
 _MAX_COUNT = 3
 
 
@@ -64,6 +65,10 @@ class VisionPretrainConfig:
     reads them, one learned query per finding kind (and one for the image) attending over the
     RMS-normalised tokens, a linear read-out of what it pools; the tokens must then carry each
     kind's presence as a direction a query can find and its attributes in what it pools."""
+    centre_weight: float = 0.0
+    """Per vision patch, whether a nodule's or a calcification's centre lies in it, and per image the
+    sum of those patch probabilities against the count (0 when absent): instances to count, where the
+    patch loss only says which patches a kind covers."""
     seed: int = 0
     show_progress: bool = True
 
@@ -95,6 +100,18 @@ def patch_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
     for f, mask in zip(case.findings, finding_masks(case, image_size)):
         cell = mask.reshape(grid, image_size // grid, grid, image_size // grid).any((1, 3)).reshape(-1)
         out[cell, FINDING_KINDS.index(f.kind)] = 1.0
+    return out
+
+
+def centre_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
+    """[grid * grid, len(COUNT_KINDS)] float32: how many discs of each counted kind have their centre in the patch."""
+    out = np.zeros((grid * grid, len(COUNT_KINDS)), np.float32)
+    fov = case.pixel_spacing_mm * REFERENCE_SIZE
+    for f in case.findings:
+        if f.kind in COUNT_KINDS:
+            for x, y in f.centers_mm:
+                col, row = (min(max(int((v + fov / 2) / fov * grid), 0), grid - 1) for v in (x, y))
+                out[row * grid + col, COUNT_KINDS.index(f.kind)] += 1
     return out
 
 
@@ -146,12 +163,16 @@ class _Probes:
                                              torch.nn.Linear(n_tokens * text_dim, _N_IMAGE))
         self.patch = torch.nn.Linear(vision_dim, _K)
         self.token = torch.nn.Linear(text_dim, _K + 2)
+        self.centre = torch.nn.Linear(vision_dim, len(COUNT_KINDS))
+
+    def _modules(self):
+        return self.image, self.patch, self.token, self.centre
 
     def parameters(self):
-        return [p for m in (self.image, self.patch, self.token) for p in m.parameters()]
+        return [p for m in self._modules() for p in m.parameters()]
 
     def train(self, on: bool) -> None:
-        for m in (self.image, self.patch, self.token):
+        for m in self._modules():
             m.train(on)
 
 
@@ -180,6 +201,18 @@ def _image_loss(z, t: dict):
     if (t["count"] >= 0).any():
         losses["count"] = F.cross_entropy(p["count"].reshape(-1, _MAX_COUNT), t["count"].reshape(-1), ignore_index=-1)
     return sum(losses.values())
+
+
+def _centre_loss(z, t, pos_weight_max: float):
+    """[B, P, C] per-patch centre logits against [B, P, C] centre counts: which patches hold a centre,
+    and the image's count as the sum of the patches' probabilities."""
+    import torch
+    import torch.nn.functional as F
+
+    hit = (t > 0).float()
+    rate = hit.mean().clamp(min=1e-4)
+    detect = F.binary_cross_entropy_with_logits(z, hit, pos_weight=torch.clamp((1 - rate) / rate, max=pos_weight_max))
+    return detect + ((torch.sigmoid(z).sum(1) - t.sum(1)) ** 2).mean()
 
 
 def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfig = VisionPretrainConfig(),
@@ -221,6 +254,7 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         raise ValueError(f"{phantom_dir}/cases.json has no training images")
     pixels, targets = arrays(train_rows)
     dense = np.stack([patch_targets(c, size, grid) for c, _, _ in train_rows])  # [N, P, K]
+    centres = np.stack([centre_targets(c, size, grid) for c, _, _ in train_rows])  # [N, P, len(COUNT_KINDS)]
 
     # Where each image token's region is, and which patches it holds: the connector's own pixel shuffle.
     gy, gx = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
@@ -261,6 +295,9 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         if cfg.presence_weight:
             parts["presence"] = (cfg.presence_weight,
                                  F.binary_cross_entropy_with_logits(patch_logits.amax(1), t["present"]))
+        if cfg.centre_weight:
+            parts["centre"] = (cfg.centre_weight, _centre_loss(probes.centre(h), torch.from_numpy(centres[idx]),
+                                                                cfg.pos_weight_max))
         parts.update(token=(cfg.token_weight, token_loss), center=(cfg.center_weight, center))
         loss = sum(w * v for w, v in parts.values())
         opt.zero_grad()
@@ -277,26 +314,30 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
     probes.train(False)
     record = {"config": asdict(cfg), "train_images": len(train_rows), "final_loss_ema": {k: round(v, 4) for k, v in ema.items()}}
     if held_rows:
-        record["heldout_probe"] = _probe_accuracy(model, probes, *arrays(held_rows))
+        record["heldout_probe"] = _probe_accuracy(model, probes, *arrays(held_rows), centres=bool(cfg.centre_weight))
     model.save_pretrained(model_dir)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     log(f"[vision] {cfg.steps} steps in {record['seconds']} s; held-out probe: {record.get('heldout_probe')}")
     return record
 
 
-def _probe_accuracy(model, probes, pixels: np.ndarray, targets: dict) -> dict:
-    """The image probe on held-out images: presence per kind, side and zone of present findings."""
+def _probe_accuracy(model, probes, pixels: np.ndarray, targets: dict, centres: bool = False) -> dict:
+    """The probes on held-out images: the image probe's presence per kind, side, zone, count and size
+    of present findings; with the centre probe, the count as the sum of its patch probabilities."""
     import torch
 
     from training.metrics import auroc
 
     with torch.no_grad():
         h = model.model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
-        z = probes.image(model.model.connector(h))
+        feats = model.model.connector(h)
+        z = probes.image(feats)
         patch_max = probes.patch(h).amax(1).numpy()  # [N, K]: the most confident patch per kind
+        centre_sum = torch.sigmoid(probes.centre(h)).sum(1).numpy()  # [N, len(COUNT_KINDS)]
     p = {k: v.numpy() for k, v in _split_image_logits(z).items()}
     present = targets["present"] > 0.5
     side_ok = (p["side"] > 0) == (targets["side"] == 1)
+    counted = targets["count"] >= 0
     zone_ok = p["zone"].argmax(-1) == targets["zone"]
     return {
         "presence": {k: round(float(((p["present"][:, i] > 0) == present[:, i]).mean()), 3) for i, k in enumerate(FINDING_KINDS)},
@@ -307,5 +348,9 @@ def _probe_accuracy(model, probes, pixels: np.ndarray, targets: dict) -> dict:
         "presence_base_rate": {k: round(float(1 - present[:, i].mean()), 3) for i, k in enumerate(FINDING_KINDS)},
         "side": round(float(side_ok[present].mean()), 3) if present.any() else None,
         "zone": round(float(zone_ok[present].mean()), 3) if present.any() else None,
+        "count": round(float((p["count"].argmax(-1) == targets["count"])[counted].mean()), 3) if counted.any() else None,
+        **({"count_centre_sum": round(float((np.round(centre_sum) == targets["count"][:, _COUNTED] + 1)[counted[:, _COUNTED]].mean()), 3)}
+           if centres and counted.any() else {}),
+        "size_mae_mm": round(float(np.abs(p["size"] - targets["size"])[present].mean() * 30), 2) if present.any() else None,
         "images": int(len(pixels)),
     }

@@ -53,6 +53,11 @@ def vision_tower(model):
     return model.model.vision_tower
 
 
+def connector(model):
+    """The layers that map the tower's output into the text model's input space."""
+    return model.model.multi_modal_projector
+
+
 def pixel_kwargs(pixel_values) -> dict:
     """Model-forward keyword for a batch of single images [B, 3, H, W]."""
     return {"pixel_values": pixel_values}

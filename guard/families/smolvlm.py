@@ -46,6 +46,11 @@ def vision_tower(model):
     return model.model.vision_model
 
 
+def connector(model):
+    """The layers that map the tower's output into the text model's input space."""
+    return model.model.connector
+
+
 def pixel_kwargs(pixel_values) -> dict:
     """Model-forward keyword for a batch of single images [B, 3, H, W]."""
     return {"pixel_values": pixel_values[:, None]}  # Idefics3 takes [B, images per sample, 3, H, W]
