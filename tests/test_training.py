@@ -420,7 +420,7 @@ def test_centre_targets_put_each_counted_disc_in_one_patch_it_is_drawn_in():
 
     grid, checked = 16, 0
     for case in generate(200, seed=5):
-        centres, drawn = centre_targets(case, 64, grid), patch_targets(case, 64, grid)
+        centres, drawn = centre_targets(case, grid), patch_targets(case, 64, grid)
         for j, kind in enumerate(COUNT_KINDS):
             f = case.finding(kind)
             assert centres[:, j].sum() == (f.count if f else 0)
@@ -610,3 +610,7 @@ def test_train_cli_takes_eval_data_like_data(tmp_path):
     assert cfg.eval_data == (DataSource("b.json", 2.0, "imgs"),) and cfg.eval_every == 50 and cfg.eval_rows == 64
     with pytest.raises(ValueError, match="eval_every"):
         dataclasses.replace(cfg, eval_every=-1)
+    assert not cfg.freeze_vision and not cfg.freeze_connector
+    frozen = config_from_args(p.parse_args(["--model", "m", "--out", "o", "--data", "a.json", "--freeze-vision",
+                                            "--freeze-connector"]))
+    assert frozen.freeze_vision and frozen.freeze_connector

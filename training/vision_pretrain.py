@@ -103,7 +103,7 @@ def patch_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
     return out
 
 
-def centre_targets(case: Case, image_size: int, grid: int) -> np.ndarray:
+def centre_targets(case: Case, grid: int) -> np.ndarray:
     """[grid * grid, len(COUNT_KINDS)] float32: how many discs of each counted kind have their centre in the patch."""
     out = np.zeros((grid * grid, len(COUNT_KINDS)), np.float32)
     fov = case.pixel_spacing_mm * REFERENCE_SIZE
@@ -254,7 +254,7 @@ def pretrain_vision(model_dir: Path, phantom_dir: Path, cfg: VisionPretrainConfi
         raise ValueError(f"{phantom_dir}/cases.json has no training images")
     pixels, targets = arrays(train_rows)
     dense = np.stack([patch_targets(c, size, grid) for c, _, _ in train_rows])  # [N, P, K]
-    centres = np.stack([centre_targets(c, size, grid) for c, _, _ in train_rows])  # [N, P, len(COUNT_KINDS)]
+    centres = np.stack([centre_targets(c, grid) for c, _, _ in train_rows]) if cfg.centre_weight else None  # [N, P, C]
 
     # Where each image token's region is, and which patches it holds: the connector's own pixel shuffle.
     gy, gx = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
@@ -330,8 +330,7 @@ def _probe_accuracy(model, probes, pixels: np.ndarray, targets: dict, centres: b
 
     with torch.no_grad():
         h = model.model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
-        feats = model.model.connector(h)
-        z = probes.image(feats)
+        z = probes.image(model.model.connector(h))
         patch_max = probes.patch(h).amax(1).numpy()  # [N, K]: the most confident patch per kind
         centre_sum = torch.sigmoid(probes.centre(h)).sum(1).numpy()  # [N, len(COUNT_KINDS)]
     p = {k: v.numpy() for k, v in _split_image_logits(z).items()}
