@@ -332,7 +332,7 @@ def _probe_accuracy(model, probes, pixels: np.ndarray, targets: dict, centres: b
         h = model.model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
         z = probes.image(model.model.connector(h))
         patch_max = probes.patch(h).amax(1).numpy()  # [N, K]: the most confident patch per kind
-        centre_sum = torch.sigmoid(probes.centre(h)).sum(1).numpy()  # [N, len(COUNT_KINDS)]
+        centre_sum = torch.sigmoid(probes.centre(h)).sum(1).numpy() if centres else None  # [N, len(COUNT_KINDS)]
     p = {k: v.numpy() for k, v in _split_image_logits(z).items()}
     present = targets["present"] > 0.5
     side_ok = (p["side"] > 0) == (targets["side"] == 1)
