@@ -63,6 +63,9 @@ class ImageLimits:
             raise ValueError("`max_pixels` must be at least 1.")
 
 
+CHANNELS = ("rgb", "lesion-enhance")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Constants that turn an RGB image into the encoder's pixel_values."""
@@ -79,6 +82,10 @@ class PreprocessConfig:
     """PIL resample code: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming."""
     crop: str = "none"
     """"none": squash to S x S (Idefics3, no splitting); "center": shortest edge to S, center crop (CLIP)."""
+    channels: str = "rgb"
+    """What the three input channels hold. "rgb": the image's own, as the HF processor gives them.
+    "lesion-enhance": its luma, a white top-hat and a blob filter response (`lesion_channels`), for a
+    model trained on them; read from `image_channels` in the model's medhallguard.json."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.image_size <= 8192:
@@ -93,6 +100,8 @@ class PreprocessConfig:
             raise ValueError("`resample` must be a PIL resample code from 0 to 5.")
         if self.crop not in ("none", "center"):
             raise ValueError("`crop` must be 'none' or 'center'.")
+        if self.channels not in CHANNELS:
+            raise ValueError(f"`channels` must be one of {', '.join(CHANNELS)}; got {self.channels!r}.")
 
     @classmethod
     def from_hf(cls, processor_config: dict) -> PreprocessConfig:
@@ -195,10 +204,60 @@ def to_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         image = image.resize((w, h), resample=cfg.resample).crop((left, top, left + s, top + s))
     else:
         image = image.resize((s, s), resample=cfg.resample)
-    # Same arithmetic as transformers: rescale in float64, cast to float32, then normalize.
-    x = (np.asarray(image, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)  # [S, S, 3]
+    if cfg.channels == "lesion-enhance":
+        x = lesion_channels(np.asarray(image.convert("L"), dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
+    else:  # same arithmetic as transformers: rescale in float64, cast to float32, then normalize
+        x = (np.asarray(image, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)  # [S, S, 3]
     x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # [3, S, S]
+
+
+def lesion_channels(grey: np.ndarray) -> np.ndarray:
+    """Luma [S, S] in 0..1 -> [S, S, 3]: the luma; a white top-hat (the luma less its 3 x 3 grey-level
+    opening: bright detail under 3 px across, such as a 1-2 px calcification or small nodule, on a
+    zero background); and a difference of Gaussians (sigma 0.7 less sigma 2 px: blobs against their
+    surroundings). The two filter channels are doubled and the second offset by 0.5, each clipped
+    to 0..1, so that they share the luma's range before the mean and std.
+
+    Classic computer-aided-detection pre-filters: a linear patch embedding cannot compute a local
+    minimum, and the tower then sees small findings poorly. Measured on the default recipe's
+    PhantomVQA tower (README, Training): held-out count accuracy 0.632 -> 0.732, nodule presence
+    accuracy 0.909 -> 0.927, side 0.982 -> 0.991."""
+    opening = _max_filter(_min_filter(grey, 3), 3)
+    tophat = np.clip((grey - opening) * 2.0, 0.0, 1.0)
+    dog = np.clip((_gaussian(grey, 0.7) - _gaussian(grey, 2.0)) * 2.0 + 0.5, 0.0, 1.0)
+    return np.stack([grey, tophat, dog], axis=-1)
+
+
+def _min_filter(x: np.ndarray, k: int) -> np.ndarray:
+    return np.lib.stride_tricks.sliding_window_view(np.pad(x, k // 2, mode="edge"), (k, k)).min(axis=(-2, -1))
+
+
+def _max_filter(x: np.ndarray, k: int) -> np.ndarray:
+    return np.lib.stride_tricks.sliding_window_view(np.pad(x, k // 2, mode="edge"), (k, k)).max(axis=(-2, -1))
+
+
+def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    """A separable Gaussian blur, edges extended: one [S, S] matrix per axis."""
+    return _blur_matrix(x.shape[0], sigma) @ x @ _blur_matrix(x.shape[1], sigma).T
+
+
+_BLUR_MATRICES: dict[tuple[int, float], np.ndarray] = {}
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    key = (n, sigma)
+    if key not in _BLUR_MATRICES:
+        radius = max(1, int(3 * sigma + 0.5))
+        offsets = np.arange(-radius, radius + 1)
+        weights = np.exp(-offsets**2 / (2 * sigma**2))
+        weights /= weights.sum()
+        m = np.zeros((n, n))
+        rows = np.arange(n)[:, None]
+        np.add.at(m, (np.broadcast_to(rows, (n, offsets.size)), np.clip(rows + offsets, 0, n - 1)),
+                  np.broadcast_to(weights, (n, offsets.size)))
+        _BLUR_MATRICES[key] = m
+    return _BLUR_MATRICES[key]
 
 
 def _sniff(data: bytes) -> str | None:

@@ -8,11 +8,28 @@ slots or end the turn.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from guard.spec import ModelSpec
+
+
+FIELDS = ("{image}", "{question}")
+
+
+def template_parts(template: str) -> list[str]:
+    """A prompt template -> its literal texts and fields, in order. It holds `{image}` once and
+    `{question}` once after it, and may hold `{question}` before the image too: the image tokens
+    then follow the question, and the model can read them with the question in view (the question
+    is repeated after the image, where the guard reads it: `guard.decode.question_start`)."""
+    parts = [p for p in re.split(r"(\{image\}|\{question\})", template) if p]
+    if parts.count("{image}") != 1 or parts[parts.index("{image}"):].count("{question}") != 1 \
+            or parts.count("{question}") > 2:
+        raise ValueError(f"prompt template {template!r} must hold {{image}} once and {{question}} after it "
+                         "(and at most once before it)")
+    return parts
 
 
 class Prompter:
@@ -25,19 +42,19 @@ class Prompter:
         self._user_tok.encode_special_tokens = True
         self._image_ids = self._ids(spec.image_text)
         assert self._image_ids.count(spec.image_token_id) == spec.num_image_tokens, "image text must hold one slot per feature"
-        before, rest = spec.prompt_template.split("{image}")
-        middle, after = rest.split("{question}")
-        self._parts = (self._ids(before), self._ids(middle), self._ids(after))
+        self._parts = template_parts(spec.prompt_template)
+        self._literals = {i: self._ids(part) for i, part in enumerate(self._parts) if part not in FIELDS}
 
     def _ids(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids if text else []
 
     def encode_prompt(self, question: str) -> np.ndarray:
         """-> int64 [S], with `num_image_tokens` image slots."""
-        before, middle, after = self._parts
         user = self._user_tok.encode(question.strip(), add_special_tokens=False).ids
-        bos = [self.spec.bos_token_id] if self.spec.bos_token_id is not None else []
-        return np.array(bos + before + self._image_ids + middle + user + after, dtype=np.int64)
+        ids = [self.spec.bos_token_id] if self.spec.bos_token_id is not None else []
+        for i, part in enumerate(self._parts):
+            ids += self._image_ids if part == "{image}" else user if part == "{question}" else self._literals[i]
+        return np.array(ids, dtype=np.int64)
 
     def encode_answer(self, answer: str) -> list[int]:
         """Answer text -> the token ids the model would have produced (without EOS)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from guard.errors import ModelLoadError
@@ -89,6 +89,13 @@ def spec_from_hf_dir(model_dir: str | Path) -> ModelSpec:
 
     num_layers = text["num_hidden_layers"]
     bos = meta.get("bos_token", None)
+    template = meta.get("prompt_template", family.PROMPT_TEMPLATE)
+    try:
+        from guard.prompt import template_parts
+
+        template_parts(template)
+    except ValueError as exc:
+        raise ModelLoadError(f"{model_dir / META_FILE}: `prompt_template`: {exc}") from exc
     return ModelSpec(
         family=family.NAME,
         model_id=meta.get("model_id", model_dir.name),
@@ -101,10 +108,19 @@ def spec_from_hf_dir(model_dir: str | Path) -> ModelSpec:
         image_text=family.image_text(config),
         eos_token_ids=tuple(token_id(t) for t in meta.get("eos_tokens", family.EOS_TOKENS)),
         bos_token_id=token_id(bos) if bos else None,
-        prompt_template=meta.get("prompt_template", family.PROMPT_TEMPLATE),
+        prompt_template=template,
         answer_prefix=meta.get("answer_prefix", family.ANSWER_PREFIX),
-        preprocess=PreprocessConfig.from_hf(_read_json(model_dir / "preprocessor_config.json")),
+        preprocess=_preprocess(model_dir, meta),
     )
+
+
+def _preprocess(model_dir: Path, meta: dict) -> PreprocessConfig:
+    """The HF processor's constants, with the input channels the model was trained on (medhallguard.json)."""
+    cfg = PreprocessConfig.from_hf(_read_json(model_dir / "preprocessor_config.json"))
+    try:
+        return replace(cfg, channels=meta.get("image_channels", "rgb"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{model_dir / META_FILE}: `image_channels`: {exc}") from exc
 
 
 def dir_checksum(model_dir: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json")) -> str:

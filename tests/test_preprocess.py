@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 from pydicom.data import get_testdata_file
 
 from guard.errors import InvalidImageError, ModelLoadError
-from guard.preprocess import MEDIA_TYPES, ImageLimits, PreprocessConfig, load_image, preprocess, to_pixels
+from guard.preprocess import MEDIA_TYPES, ImageLimits, PreprocessConfig, lesion_channels, load_image, preprocess, to_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,11 +165,41 @@ def test_config_round_trips_through_json():
     assert PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_config_without_channels_reads_as_rgb_so_older_bundles_still_load():
+    cfg = PreprocessConfig(image_size=8, image_mean=CLIP_MEAN, image_std=CLIP_STD, channels="lesion-enhance")
+    assert PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).channels == "lesion-enhance"
+    old = {k: v for k, v in cfg.to_dict().items() if k != "channels"}
+    assert PreprocessConfig.from_dict(old).channels == "rgb"
+
+
+def test_lesion_channels_light_a_small_bright_dot_alone_against_a_flat_background():
+    grey = np.full((32, 32), 0.3)
+    grey[10:12, 20:22] = 0.8  # a 2 x 2 px dot
+    grey[:, 2:8] = 0.7  # and a band too wide for the 3 x 3 top-hat
+    luma, tophat, dog = np.moveaxis(lesion_channels(grey), -1, 0)
+    assert np.array_equal(luma, grey)
+    assert tophat[10:12, 20:22].min() == pytest.approx(1.0)  # (0.8 - 0.3) * 2
+    outside = np.ones_like(grey, bool)
+    outside[10:12, 20:22] = False
+    assert tophat[outside].max() == pytest.approx(0.0)  # the band and the flat ground are opened away
+    assert np.unravel_index(dog.argmax(), dog.shape) in {(10, 20), (10, 21), (11, 20), (11, 21)}
+    assert dog[25:, 15:19] == pytest.approx(0.5)  # flat ground, 6 px (3 sigma) from both: no blob response
+
+
+def test_lesion_enhance_pixels_are_the_lesion_channels_of_the_luma_normalized():
+    rgb = _noise(16, 16, seed=3)
+    cfg = PreprocessConfig(image_size=16, image_mean=(0.5,) * 3, image_std=(0.25,) * 3, channels="lesion-enhance")
+    expected = (lesion_channels(np.asarray(rgb.convert("L"), np.float64) / 255) - 0.5) / 0.25
+    np.testing.assert_allclose(to_pixels(rgb, cfg), expected.transpose(2, 0, 1), atol=1e-6)
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="image_size"):
         PreprocessConfig(image_size=0, image_mean=CLIP_MEAN, image_std=CLIP_STD)
     with pytest.raises(ValueError, match="crop"):
         PreprocessConfig(image_size=8, image_mean=CLIP_MEAN, image_std=CLIP_STD, crop="random")
+    with pytest.raises(ValueError, match="channels.*lesion-enhance"):
+        PreprocessConfig(image_size=8, image_mean=CLIP_MEAN, image_std=CLIP_STD, channels="hsv")
     with pytest.raises(ValueError, match="max_pixels"):
         ImageLimits(max_pixels=0)
 

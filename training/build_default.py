@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.preprocess import CHANNELS
 from training.data import DEFAULT_MEDHALLTUNE_DIR
 
 VAL_FILES = ("val_positive_qa-filtered.jsonl", "val_negative_qa-filtered.jsonl")
@@ -48,6 +49,9 @@ class DefaultRecipe:
     repeated ~15 times in the model's training and the tower learned them, not the findings."""
     questions_per_image: int = 6
     image_size: int = 64
+    image_channels: str = "rgb"
+    """What the model's three input channels hold (`init_model`'s `image_channels`; "rgb" or
+    "lesion-enhance": luma, white top-hat and difference of Gaussians, `guard.preprocess.lesion_channels`)."""
     vision_steps: int = 2000
     """Vision pretraining steps (of `vision_batch_size` images), shared by the tuned model and the baseline.
     Every `vision_*` field is the `VisionPretrainConfig` field of the same name without the prefix."""
@@ -146,6 +150,8 @@ class DefaultRecipe:
             raise ValueError("`medhalltune_weight` must be in [0, 1)")
         if not 0 <= self.phantom_first_steps < self.steps:
             raise ValueError("`phantom_first_steps` must be in [0, steps)")
+        if self.image_channels not in CHANNELS:
+            raise ValueError(f"`image_channels` must be one of {', '.join(CHANNELS)}, got {self.image_channels!r}")
         if not 0.0 < self.phantom_negative_share < 1.0:
             raise ValueError("`phantom_negative_share` must be in (0, 1): the tuned model trains on both polarities")
 
@@ -200,7 +206,8 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     init_dir = out_root / "init"
     shutil.rmtree(init_dir, ignore_errors=True)
     init_model("smolvlm", "nano", init_dir, seed=recipe.seed,
-               corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"])
+               corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"],
+               image_channels=recipe.image_channels)
     lap("init")
     vision = pretrain_vision(init_dir, data / "phantom", vision_cfg, log=log) if recipe.vision_steps else None
     lap("vision")

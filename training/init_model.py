@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from guard.head import GuardHeads
+from guard.preprocess import CHANNELS
 from guard.spec import HEADS_FILE, META_FILE
 
 # Presets as plain data (gpt-fast's transformer_configs). "256m" has the shape of SmolVLM-256M.
@@ -126,8 +127,10 @@ def image_processor_config(family: str, size: str) -> dict:
     return json.loads(proc.to_json_string())
 
 
-def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpus_files: list[Path] | None = None) -> Path:
-    """Write a random-init model directory; atomic: a temp dir renamed into place."""
+def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpus_files: list[Path] | None = None,
+               image_channels: str = "rgb") -> Path:
+    """Write a random-init model directory; atomic: a temp dir renamed into place. `image_channels`
+    (`guard.preprocess.CHANNELS`) is what its three input channels hold, kept in medhallguard.json."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -135,6 +138,8 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
         raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}")
     if size not in SIZES:
         raise ValueError(f"`size` must be one of {SIZES}, got {size!r}")
+    if image_channels not in CHANNELS:
+        raise ValueError(f"`image_channels` must be one of {CHANNELS}, got {image_channels!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
@@ -160,6 +165,8 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
         }
         if family == "llava":
             meta["bos_token"] = "<s>"
+        if image_channels != "rgb":
+            meta["image_channels"] = image_channels
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         GuardHeads.random(config.text_config.hidden_size, seed=seed).save(tmp / HEADS_FILE)
         if out_dir.exists():
@@ -183,12 +190,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--family", choices=FAMILIES, default="smolvlm", help="model family (default: smolvlm)")
     p.add_argument("--size", choices=SIZES, default="nano", help="nano: tiny, for tests; 256m: the shape of SmolVLM-256M")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and heads (default: 0)")
+    p.add_argument("--image-channels", choices=CHANNELS, default="rgb",
+                   help="what the 3 input channels hold: rgb (default), or lesion-enhance (luma, white top-hat, "
+                        "difference of Gaussians), for small findings in greyscale images")
     p.add_argument("--corpus", type=Path, nargs="*", default=None,
                    help="JSONL files (MedHallTune format) to train the tokenizer on; default: ../shared/data/medhalltune")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    out = init_model(args.family, args.size, args.out_dir, seed=args.seed, corpus_files=args.corpus)
+    out = init_model(args.family, args.size, args.out_dir, seed=args.seed, corpus_files=args.corpus,
+                     image_channels=args.image_channels)
     print(f"wrote {out} (random init: answers mean nothing until trained)")
     return 0
