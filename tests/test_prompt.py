@@ -67,3 +67,26 @@ def test_a_model_directory_names_the_input_channels_it_was_trained_on(nano_model
     (model / META_FILE).write_text(json.dumps({**meta, "image_channels": "cmyk"}))
     with pytest.raises(ModelLoadError, match="image_channels.*lesion-enhance"):
         spec_from_hf_dir(model)
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava"])
+def test_init_model_keeps_its_input_channels_template_and_text_overrides_where_serving_reads_them(tmp_path, family):
+    from guard.families import family_for
+    from training.init_model import init_model
+
+    model = init_model(family, "nano", tmp_path / "m", corpus_files=[], image_channels="lesion-enhance",
+                       text_overrides={"num_key_value_heads": 4}, question_first=True)
+    spec = spec_from_hf_dir(model)
+    assert spec.preprocess.channels == "lesion-enhance"
+    assert spec.prompt_template == family_for(family).QUESTION_FIRST_TEMPLATE
+    assert json.loads((model / "config.json").read_text())["text_config"]["num_key_value_heads"] == 4
+    ids = Prompter(model / "tokenizer.json", spec).encode_prompt("Is there a mass?")
+    assert (ids == spec.image_token_id).sum() == spec.num_image_tokens
+
+
+def test_init_model_refuses_a_text_override_that_is_not_a_text_config_field(tmp_path):
+    from training.init_model import init_model
+
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        init_model("smolvlm", "nano", tmp_path / "m", corpus_files=[], text_overrides={"num_kv_heads": 4})
+    assert not (tmp_path / "m").exists()

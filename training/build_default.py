@@ -52,6 +52,12 @@ class DefaultRecipe:
     image_channels: str = "rgb"
     """What the model's three input channels hold (`init_model`'s `image_channels`; "rgb" or
     "lesion-enhance": luma, white top-hat and difference of Gaussians, `guard.preprocess.lesion_channels`)."""
+    question_first: bool = False
+    """Prompt with the question before the image too (`init_model`'s `question_first`): the image tokens,
+    which come first in the default template, then see what is asked."""
+    text_key_value_heads: int = 2
+    """Key-value heads of the text model's attention (the nano size's 2 share each between 2 query heads;
+    4 gives each query head its own)."""
     vision_steps: int = 2000
     """Vision pretraining steps (of `vision_batch_size` images), shared by the tuned model and the baseline.
     Every `vision_*` field is the `VisionPretrainConfig` field of the same name without the prefix."""
@@ -150,6 +156,8 @@ class DefaultRecipe:
             raise ValueError("`medhalltune_weight` must be in [0, 1)")
         if not 0 <= self.phantom_first_steps < self.steps:
             raise ValueError("`phantom_first_steps` must be in [0, steps)")
+        if self.text_key_value_heads not in (1, 2, 4):
+            raise ValueError("`text_key_value_heads` must divide the nano text model's 4 attention heads: 1, 2 or 4")
         if self.image_channels not in CHANNELS:
             raise ValueError(f"`image_channels` must be one of {', '.join(CHANNELS)}, got {self.image_channels!r}")
         if not 0.0 < self.phantom_negative_share < 1.0:
@@ -207,7 +215,8 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     shutil.rmtree(init_dir, ignore_errors=True)
     init_model("smolvlm", "nano", init_dir, seed=recipe.seed,
                corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"],
-               image_channels=recipe.image_channels)
+               image_channels=recipe.image_channels, text_overrides={"num_key_value_heads": recipe.text_key_value_heads},
+               question_first=recipe.question_first)
     lap("init")
     vision = pretrain_vision(init_dir, data / "phantom", vision_cfg, log=log) if recipe.vision_steps else None
     lap("vision")

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from guard.families import family_for
 from guard.head import GuardHeads
 from guard.preprocess import CHANNELS
 from guard.spec import HEADS_FILE, META_FILE
@@ -97,11 +98,11 @@ def train_tokenizer(family: str, vocab_size: int, corpus_files: list[Path]):
                                    extra_special_tokens={"image_token": "<image>"}, **names)
 
 
-def build_config(family: str, size: str, tokenizer):
+def build_config(family: str, size: str, tokenizer, text_overrides: dict | None = None):
     from transformers import CLIPVisionConfig, Idefics3Config, LlamaConfig, LlavaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
-    text = dict(TEXT[size])
+    text = {**TEXT[size], **(text_overrides or {})}
     text.setdefault("vocab_size", len(tokenizer))
     text = LlamaConfig(**text, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
@@ -128,9 +129,12 @@ def image_processor_config(family: str, size: str) -> dict:
 
 
 def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpus_files: list[Path] | None = None,
-               image_channels: str = "rgb") -> Path:
+               image_channels: str = "rgb", text_overrides: dict | None = None, question_first: bool = False) -> Path:
     """Write a random-init model directory; atomic: a temp dir renamed into place. `image_channels`
-    (`guard.preprocess.CHANNELS`) is what its three input channels hold, kept in medhallguard.json."""
+    (`guard.preprocess.CHANNELS`) is what its three input channels hold, kept in medhallguard.json;
+    `text_overrides` replaces fields of the size's text config (`TEXT`), e.g. num_key_value_heads;
+    `question_first` keeps the family's QUESTION_FIRST_TEMPLATE as its prompt template (the question
+    before the image and again after it, `guard.prompt.template_parts`)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -140,6 +144,9 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
         raise ValueError(f"`size` must be one of {SIZES}, got {size!r}")
     if image_channels not in CHANNELS:
         raise ValueError(f"`image_channels` must be one of {CHANNELS}, got {image_channels!r}")
+    unknown = set(text_overrides or {}) - set(TEXT[size])
+    if unknown:
+        raise ValueError(f"`text_overrides` {sorted(unknown)}: not text-config fields of size {size} ({', '.join(TEXT[size])})")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
@@ -150,7 +157,7 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
         tokenizer = train_tokenizer(family, TOKENIZER_VOCAB[size], files)
         tokenizer.save_pretrained(tmp)
         torch.manual_seed(seed)
-        config = build_config(family, size, tokenizer)
+        config = build_config(family, size, tokenizer, text_overrides)
         model = AutoModelForImageTextToText.from_config(config)
         model.save_pretrained(tmp)
         (tmp / "preprocessor_config.json").write_text(json.dumps(image_processor_config(family, size), indent=2))
@@ -167,6 +174,8 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
             meta["bos_token"] = "<s>"
         if image_channels != "rgb":
             meta["image_channels"] = image_channels
+        if question_first:
+            meta["prompt_template"] = family_for(family).QUESTION_FIRST_TEMPLATE
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         GuardHeads.random(config.text_config.hidden_size, seed=seed).save(tmp / HEADS_FILE)
         if out_dir.exists():
@@ -193,6 +202,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image-channels", choices=CHANNELS, default="rgb",
                    help="what the 3 input channels hold: rgb (default), or lesion-enhance (luma, white top-hat, "
                         "difference of Gaussians), for small findings in greyscale images")
+    p.add_argument("--question-first", action="store_true",
+                   help="prompt with the question before the image as well as after it, so that the image "
+                        "tokens see the question (kept in medhallguard.json)")
     p.add_argument("--corpus", type=Path, nargs="*", default=None,
                    help="JSONL files (MedHallTune format) to train the tokenizer on; default: ../shared/data/medhalltune")
     p.set_defaults(func=_run)
@@ -200,6 +212,6 @@ def add_parser(subparsers) -> None:
 
 def _run(args) -> int:
     out = init_model(args.family, args.size, args.out_dir, seed=args.seed, corpus_files=args.corpus,
-                     image_channels=args.image_channels)
+                     image_channels=args.image_channels, question_first=args.question_first)
     print(f"wrote {out} (random init: answers mean nothing until trained)")
     return 0

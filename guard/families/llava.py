@@ -11,6 +11,7 @@ NAME = "llava"
 # LLaVA-1.5's conversation format. LLaVA-Med v1.5 (Mistral) checkpoints can
 # override it with `prompt_template` in medhallguard.json.
 PROMPT_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
+QUESTION_FIRST_TEMPLATE = "USER: {question}\n{image}\n{question} ASSISTANT:"
 ANSWER_PREFIX = " "
 EOS_TOKENS = ("</s>",)
 IMAGE_TOKEN = "<image>"

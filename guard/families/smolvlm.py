@@ -10,6 +10,8 @@ from __future__ import annotations
 NAME = "smolvlm"
 # The turn format of SmolVLM's chat template, written out so serving needs no Jinja.
 PROMPT_TEMPLATE = "<|im_start|>User:{image}{question}<end_of_utterance>\nAssistant:"
+# The same turn with the question before the image as well: the image tokens then see it.
+QUESTION_FIRST_TEMPLATE = "<|im_start|>User:{question}\n{image}{question}<end_of_utterance>\nAssistant:"
 ANSWER_PREFIX = " "
 EOS_TOKENS = ("<end_of_utterance>",)
 IMAGE_TOKEN = "<image>"
