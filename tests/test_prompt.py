@@ -90,3 +90,20 @@ def test_init_model_refuses_a_text_override_that_is_not_a_text_config_field(tmp_
     with pytest.raises(ValueError, match="num_kv_heads"):
         init_model("smolvlm", "nano", tmp_path / "m", corpus_files=[], text_overrides={"num_kv_heads": 4})
     assert not (tmp_path / "m").exists()
+
+
+def test_a_split_digits_tokenizer_spells_numbers_digit_by_digit_in_the_file_serving_reads(tmp_path):
+    from tokenizers import Tokenizer
+
+    from training.init_model import init_model
+
+    plain = Tokenizer.from_file(str(init_model("smolvlm", "nano", tmp_path / "a", corpus_files=[]) / "tokenizer.json"))
+    split = Tokenizer.from_file(str(init_model("smolvlm", "nano", tmp_path / "b", corpus_files=[],
+                                               split_digits=True) / "tokenizer.json"))
+    text = "The nodule is 23 mm across, 1.5 cm."
+    digits = [t for t in split.encode(text).tokens if any(c.isdigit() for c in t)]
+    assert digits == ["2", "3", "1", "5"]
+    assert split.decode(split.encode(text).ids) == text
+    # The plain byte-level BPE keeps " 23" one word, which training can merge into one token.
+    assert [w for w, _ in plain.pre_tokenizer.pre_tokenize_str("is 23 mm")] == ["is", "Ġ23", "Ġmm"]
+    assert [w for w, _ in split.pre_tokenizer.pre_tokenize_str("is 23 mm")] == ["is", "Ġ", "2", "3", "Ġmm"]

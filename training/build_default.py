@@ -55,6 +55,9 @@ class DefaultRecipe:
     question_first: bool = False
     """Prompt with the question before the image too (`init_model`'s `question_first`): the image tokens,
     which come first in the default template, then see what is asked."""
+    split_digits: bool = False
+    """Every digit a token of its own (`init_model`'s `split_digits`, as SmolLM's tokenizer): a size is
+    read out as its tens digit, then its units, rather than as one of some fifty whole-number tokens."""
     text_key_value_heads: int = 2
     """Key-value heads of the text model's attention (the nano size's 2 share each between 2 query heads;
     4 gives each query head its own)."""
@@ -216,7 +219,7 @@ def build_default(out_root: Path, recipe: DefaultRecipe = DefaultRecipe(), medha
     init_model("smolvlm", "nano", init_dir, seed=recipe.seed,
                corpus_files=[data / "phantom" / "train.json", data / "medhalltune" / "train.json"],
                image_channels=recipe.image_channels, text_overrides={"num_key_value_heads": recipe.text_key_value_heads},
-               question_first=recipe.question_first)
+               question_first=recipe.question_first, split_digits=recipe.split_digits)
     lap("init")
     vision = pretrain_vision(init_dir, data / "phantom", vision_cfg, log=log) if recipe.vision_steps else None
     lap("vision")

@@ -75,13 +75,17 @@ def _corpus(files: list[Path]) -> list[str]:
     return lines
 
 
-def train_tokenizer(family: str, vocab_size: int, corpus_files: list[Path]):
-    """A byte-level BPE with the family's special tokens -> PreTrainedTokenizerFast."""
+def train_tokenizer(family: str, vocab_size: int, corpus_files: list[Path], split_digits: bool = False):
+    """A byte-level BPE with the family's special tokens -> PreTrainedTokenizerFast. `split_digits`:
+    every digit is its own token, as in SmolLM's tokenizer (a Digits pre-tokenizer before the byte
+    level), so "23 mm" is "2", "3", " mm" and a size is spelt out digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -129,12 +133,14 @@ def image_processor_config(family: str, size: str) -> dict:
 
 
 def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpus_files: list[Path] | None = None,
-               image_channels: str = "rgb", text_overrides: dict | None = None, question_first: bool = False) -> Path:
+               image_channels: str = "rgb", text_overrides: dict | None = None, question_first: bool = False,
+               split_digits: bool = False) -> Path:
     """Write a random-init model directory; atomic: a temp dir renamed into place. `image_channels`
     (`guard.preprocess.CHANNELS`) is what its three input channels hold, kept in medhallguard.json;
     `text_overrides` replaces fields of the size's text config (`TEXT`), e.g. num_key_value_heads;
     `question_first` keeps the family's QUESTION_FIRST_TEMPLATE as its prompt template (the question
-    before the image and again after it, `guard.prompt.template_parts`)."""
+    before the image and again after it, `guard.prompt.template_parts`); `split_digits` makes every
+    digit a token of its own (`train_tokenizer`)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -154,7 +160,7 @@ def init_model(family: str, size: str, out_dir: str | Path, seed: int = 0, corpu
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tokenizer = train_tokenizer(family, TOKENIZER_VOCAB[size], files)
+        tokenizer = train_tokenizer(family, TOKENIZER_VOCAB[size], files, split_digits=split_digits)
         tokenizer.save_pretrained(tmp)
         torch.manual_seed(seed)
         config = build_config(family, size, tokenizer, text_overrides)
@@ -205,6 +211,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--question-first", action="store_true",
                    help="prompt with the question before the image as well as after it, so that the image "
                         "tokens see the question (kept in medhallguard.json)")
+    p.add_argument("--split-digits", action="store_true",
+                   help="make every digit a token of its own, as SmolLM's tokenizer does (\"23 mm\" -> 2, 3, mm)")
     p.add_argument("--corpus", type=Path, nargs="*", default=None,
                    help="JSONL files (MedHallTune format) to train the tokenizer on; default: ../shared/data/medhalltune")
     p.set_defaults(func=_run)
@@ -212,6 +220,7 @@ def add_parser(subparsers) -> None:
 
 def _run(args) -> int:
     out = init_model(args.family, args.size, args.out_dir, seed=args.seed, corpus_files=args.corpus,
-                     image_channels=args.image_channels, question_first=args.question_first)
+                     image_channels=args.image_channels, question_first=args.question_first,
+                     split_digits=args.split_digits)
     print(f"wrote {out} (random init: answers mean nothing until trained)")
     return 0
